@@ -1,0 +1,1 @@
+"""coinvoice worker: the invoice domain, its Redis store and the arq worker."""

@@ -1,0 +1,152 @@
+"""Settings: one typed object, parsed once at start-up and passed down.
+
+Every value comes from a ``COINVOICE_*`` environment variable or from a TOML
+file named by ``COINVOICE_CONFIG`` (environment wins), and every one has a
+working default for a local run (spec §11).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+# Spec §9: 1, 5, 10, 15, 20, 30, 60, 90, 120, 150, 180, 210, 240 minutes.
+DEFAULT_RETRY_SCHEDULE = tuple(
+    minutes * 60 for minutes in (1, 5, 10, 15, 20, 30, 60, 90, 120, 150, 180, 210, 240)
+)
+# Processing and merchant request bodies are limited to 64 KiB (spec §6).
+MAX_BODY_BYTES = 64 * 1024
+# Demo processing key pair: fine for a laptop, refused nowhere, logged as a warning.
+DEMO_PROCESSING_KEY = "demo-processing-key"
+DEMO_PROCESSING_SECRET = "demo-processing-secret"  # noqa: S105 - a documented demo value
+
+
+def _split_pairs(value: object) -> object:
+    """``"BTC=86400,ETH=3600"`` → ``{"BTC": "86400", "ETH": "3600"}``; dicts pass through."""
+    if not isinstance(value, str):
+        return value
+    pairs: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in value.split(","))):
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip() or not raw.strip():
+            raise ValueError(f"expected CURRENCY=VALUE pairs, got {item!r}")
+        pairs[name.strip().upper()] = raw.strip()
+    return pairs
+
+
+class Settings(BaseSettings):
+    """All configuration of receiver, worker and CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="COINVOICE_", extra="ignore", frozen=True)
+
+    # Unset: `coinvoice up` runs an embedded Redis and exports its URL to its children.
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # Base of invoice URLs handed to customers; defaults to http://host:port.
+    public_url: str | None = None
+
+    # Invoice timer (types 2 and 3 from creation, type 1 from confirmation).
+    timer_seconds: int = Field(default=900, gt=0)
+    # How long an invoice may stay `processing` before it fails (seconds).
+    processing_window_seconds: int = Field(default=86_400, gt=0)
+    # Per-currency overrides of the processing window: "BTC=86400,ETH=3600".
+    processing_windows: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
+    # Timers fire this long after `expires_at`, so callbacks in flight apply first.
+    expiry_grace_seconds: int = Field(default=30, ge=0)
+
+    # Seconds between delivery attempts after each failure: "60,300,600".
+    callback_retry_schedule: Annotated[tuple[int, ...], NoDecode] = DEFAULT_RETRY_SCHEDULE
+    # A delivery is successful on any 2xx within this many seconds.
+    callback_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Tests and local demos post callbacks to 127.0.0.1; production must not.
+    allow_private_callbacks: bool = False
+
+    processing_key: str = DEMO_PROCESSING_KEY
+    processing_secret: SecretStr = SecretStr(DEMO_PROCESSING_SECRET)
+
+    # SMTP URL (smtp://user:pass@host:port, smtps:// for TLS); unset: write to the Maildir.
+    smtp_url: SecretStr | None = None
+    maildir: Path = Path(".coinvoice/maildir")
+    mail_from: str = "coinvoice <no-reply@coinvoice.invalid>"
+
+    # json: one JSON object per line; console: for a terminal. Unset: console on a TTY.
+    log_format: Literal["json", "console"] | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Requests per second per merchant key / per client address; 0 disables.
+    rate_limit_merchant: int = Field(default=200, ge=0)
+    rate_limit_public: int = Field(default=20, ge=0)
+    # Take the client address from X-Forwarded-For (only behind a trusted proxy).
+    trust_forwarded: bool = False
+
+    # Rates (prices per currency) and HD extended public keys; unset: the bundled demo files.
+    rates_file: Path | None = None
+    xpubs: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # Optional preloaded deposit addresses: a TOML file {CURRENCY = ["addr", ...]}.
+    address_pool_file: Path | None = None
+
+    # Where `coinvoice up` keeps the embedded Redis data and the demo Maildir.
+    data_dir: Path = Path(".coinvoice")
+
+    @field_validator("processing_windows", "xpubs", mode="before")
+    @classmethod
+    def _pairs(cls, value: object) -> object:
+        return _split_pairs(value)
+
+    @field_validator("callback_retry_schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+        return value
+
+    @field_validator("callback_retry_schedule")
+    @classmethod
+    def _schedule_positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(v <= 0 for v in value):
+            raise ValueError("every retry delay must be a positive number of seconds")
+        return value
+
+    @property
+    def base_url(self) -> str:
+        """Public base URL without a trailing slash."""
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def uses_demo_processing_secret(self) -> bool:
+        return self.processing_secret.get_secret_value() == DEMO_PROCESSING_SECRET
+
+    def processing_window(self, currency: str) -> int:
+        """Seconds a `processing` invoice paid in `currency` may wait for confirmations."""
+        return self.processing_windows.get(currency, self.processing_window_seconds)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("COINVOICE_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings once (environment, then the optional TOML file)."""
+    return Settings(**overrides)
