@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
 
+from receiver.app import create_app
+from tests.support import make_settings
+from worker.config import Settings
+from worker.merchants import MerchantStore, make_merchant
+from worker.models import Merchant
 from worker.redis_server import RedisServer
 
 
@@ -31,3 +38,23 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     await client.flushall()
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer) -> Settings:
+    return make_settings(redis_server.url)
+
+
+@pytest.fixture
+async def client(redis: aioredis.Redis, settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
+    """The receiver app on a test server, on a flushed Redis."""
+    async with TestClient(TestServer(create_app(settings))) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+async def merchant(redis: aioredis.Redis) -> Merchant:
+    """A registered merchant whose callback URL nobody listens on."""
+    created = make_merchant("Shop", "http://127.0.0.1:9/callbacks")
+    await MerchantStore(redis).add(created)
+    return created

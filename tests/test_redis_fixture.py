@@ -7,7 +7,9 @@ import redis.asyncio as aioredis
 from worker.redis_server import RedisServer
 
 
-async def test_redis_survives_a_crash_with_aof(redis: aioredis.Redis, redis_server: RedisServer) -> None:
+async def test_redis_survives_a_crash_with_aof(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
     """A write acknowledged before a SIGKILL is there after the restart (AOF always)."""
     await redis.set("cv:probe", "kept")
     redis_server.restart(kill=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 PREFIX = "cv:"
 
 INVOICE_IDS = PREFIX + "invoice:ids"  # INCR counter
+ADDRESS_IDS = PREFIX + "address:ids"  # INCR counter: DepositAddress.id, global over currencies
 TIMERS = PREFIX + "timers"  # zset invoice id → fire time
 UPDATES = PREFIX + "updates"  # stream of accepted processing callbacks
 UPDATES_GROUP = PREFIX + "appliers"  # its consumer group
@@ -45,6 +46,11 @@ def hd_index(currency: str) -> str:
 
 def address_pool(currency: str) -> str:
     return f"{PREFIX}pool:{currency}"
+
+
+def address_pool_known(currency: str) -> str:
+    """Set of every address ever loaded into the pool, so a reload never pushes one twice."""
+    return f"{PREFIX}pool-known:{currency}"
 
 
 def balance(merchant_key: str) -> str:

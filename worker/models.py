@@ -102,7 +102,7 @@ class Quote:
 class DepositAddress:
     """A deposit address assigned to exactly one invoice, ever."""
 
-    id: int  # `crypto_address.id` in callbacks; unique per currency
+    id: int  # `crypto_address.id` in callbacks; unique across currencies
     currency: str
     address: str
     tag: str | None = None

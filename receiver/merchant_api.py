@@ -1,0 +1,110 @@
+"""The merchant API of spec §6: signed JSON requests, `{"data": ...}` answers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from receiver import appkeys, views
+from receiver.errors import field_errors
+from receiver.requests import merchant_request
+from receiver.schemas import CreateInvoice, EmptyBody, ForeignIdBody
+from worker.currencies import CurrencyType, UnknownCurrency
+from worker.money import fmt8
+from worker.service import InvoiceRequest
+from worker.snapshot import snapshot
+
+
+def data(payload: object) -> web.Response:
+    return web.json_response({"data": payload})
+
+
+async def ping(request: web.Request) -> web.Response:
+    return data({"status": "ok"})
+
+
+def _check_currencies(request: web.Request, body: CreateInvoice) -> None:
+    rates = request.app[appkeys.RATES]
+    errors: dict[str, str] = {}
+    try:
+        rates.currency(body.currency)
+    except UnknownCurrency:
+        errors["currency"] = "Unknown currency."
+    if body.sender_currency is not None:
+        try:
+            crypto = rates.currency(body.sender_currency).type is CurrencyType.CRYPTO
+        except UnknownCurrency:
+            crypto = False
+        if not crypto:
+            errors["sender_currency"] = "Unknown currency."
+    if errors:
+        raise field_errors(errors)
+
+
+async def create_invoice(request: web.Request) -> web.Response:
+    merchant, body = await merchant_request(request, CreateInvoice)
+    _check_currencies(request, body)
+    service = request.app[appkeys.SERVICE]
+    invoice = await service.create(
+        merchant,
+        InvoiceRequest(
+            foreign_id=body.foreign_id,
+            title=body.title,
+            currency=body.currency,
+            amount=body.amount,
+            timer=body.timer,
+            description=body.description,
+            payment_type=body.type,
+            sender_currency=body.sender_currency,
+            email=body.email_user,
+            url_success=body.url_success,
+            url_failed=body.url_failed,
+        ),
+    )
+    base_url = request.app[appkeys.SETTINGS].base_url
+    return data(views.created(invoice, base_url, service.now()))
+
+
+async def cancel_invoice(request: web.Request) -> web.Response:
+    merchant, _ = await merchant_request(request, EmptyBody)
+    service = request.app[appkeys.SERVICE]
+    invoice = await service.cancel(merchant.key, request.match_info["foreign_id"])
+    return data(snapshot(invoice))
+
+
+async def invoice_status(request: web.Request) -> web.Response:
+    merchant, body = await merchant_request(request, ForeignIdBody)
+    stored = await request.app[appkeys.SERVICE].by_foreign_id(merchant.key, body.foreign_id)
+    return data(snapshot(stored.invoice))
+
+
+async def accounts_list(request: web.Request) -> web.Response:
+    merchant, _ = await merchant_request(request, EmptyBody)
+    balances = await request.app[appkeys.SERVICE].store.balances(merchant.key)
+    return data(
+        [{"currency": code, "balance": fmt8(balance)} for code, balance in sorted(balances.items())]
+    )
+
+
+async def currencies_list(request: web.Request) -> web.Response:
+    await merchant_request(request, EmptyBody)
+    return data(
+        [
+            {"currency": c.code, "type": c.type.value, "precision": c.precision}
+            for c in request.app[appkeys.RATES].currencies()
+        ]
+    )
+
+
+async def currencies_rates(request: web.Request) -> web.Response:
+    """Every crypto currency against every other currency."""
+    await merchant_request(request, EmptyBody)
+    rates = request.app[appkeys.RATES]
+    codes = [c.code for c in rates.currencies()]
+    pairs = [
+        {"currency_from": c.code, "currency_to": to, "rate": fmt8(rates.rate(c.code, to))}
+        for c in rates.currencies()
+        if c.type is CurrencyType.CRYPTO
+        for to in codes
+        if to != c.code
+    ]
+    return data(pairs)

@@ -1,0 +1,30 @@
+"""Every route of the receiver, in one table (the OpenAPI document is built from it too)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from receiver import health, merchant_api, metrics, public_api
+
+
+def setup_routes(app: web.Application) -> None:
+    app.add_routes(
+        [
+            web.get("/api/v2/ping", merchant_api.ping, name="ping"),
+            web.post("/api/v2/invoices/create", merchant_api.create_invoice, name="create"),
+            web.post(
+                "/api/v2/invoices/{foreign_id}/cancel/", merchant_api.cancel_invoice, name="cancel"
+            ),
+            web.post("/api/v2/invoices/status", merchant_api.invoice_status, name="status"),
+            web.post("/api/v2/accounts/list", merchant_api.accounts_list, name="accounts"),
+            web.post("/api/v2/currencies/list", merchant_api.currencies_list, name="currencies"),
+            web.post("/api/v2/currencies/rates", merchant_api.currencies_rates, name="rates"),
+            web.get("/api/v2/public/invoices/{token}", public_api.show, name="public_invoice"),
+            web.post(
+                "/api/v2/public/invoices/{token}/confirm", public_api.confirm, name="public_confirm"
+            ),
+            web.get("/health/live", health.live, name="live"),
+            web.get("/health/ready", health.ready, name="ready"),
+            web.get("/metrics", metrics.serve, name="metrics"),
+        ]
+    )

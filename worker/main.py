@@ -1,0 +1,149 @@
+"""The arq worker: its settings, start-up and shutdown, cron jobs and health check.
+
+arq runs the scheduled work (the timer sweep every second). The long-lived
+loops (applying processing updates, delivering callbacks) are tasks started
+by `startup`, because one arq job per update would cap a worker far below its
+goal (see docs/architecture.md). A heartbeat in Redis records that this
+process and its loops are alive; `coinvoice worker --check` reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypedDict
+
+from arq import cron
+from arq.connections import RedisSettings
+from arq.worker import Worker
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from worker import keys
+from worker.aioredis import connect
+from worker.config import Settings
+from worker.logs import configure_logging, get_logger
+from worker.runtime import invoice_service, redis_url
+from worker.service import InvoiceService
+
+log = get_logger(__name__)
+
+# A worker writes its heartbeat this often (seconds)...
+HEARTBEAT_SECONDS = 2.0
+# ...and counts as alive while its last one is younger than this.
+HEARTBEAT_STALE_SECONDS = 10
+# arq job names are global per Redis; ours carry a prefix.
+QUEUE_NAME = "cv:arq"
+
+
+class Context(TypedDict, total=False):
+    """What arq passes to every job and hook (plus arq's own keys)."""
+
+    settings: Settings
+    redis: Any  # arq's pool, used by arq itself
+    store_redis: Redis
+    service: InvoiceService
+    name: str
+    tasks: list[asyncio.Task[None]]
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def fire_timers(ctx: Context) -> int:
+    """arq cron, every second: fail or extend the invoices whose timer is due."""
+    return await ctx["service"].fire_due_timers()
+
+
+async def _heartbeat(ctx: Context) -> None:
+    """Record that this worker and its loops live; stop recording if a loop died."""
+    redis, name = ctx["store_redis"], ctx["name"]
+    while True:
+        loops = [task for task in ctx["tasks"] if task.get_name() != "heartbeat"]
+        dead = [task.get_name() for task in loops if task.done()]
+        if dead:
+            log.error("worker_loop_died", loops=dead)
+        else:
+            with contextlib.suppress(RedisError, OSError):
+                await redis.zadd(keys.WORKERS, {name: time.time()})
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+
+
+# Long-lived loops started with the worker; later features add theirs here.
+LOOPS: list[tuple[str, Callable[[Context], Coroutine[Any, Any, None]]]] = [
+    ("heartbeat", _heartbeat)
+]
+
+
+async def startup(ctx: Context) -> None:
+    settings = ctx["settings"]
+    redis = connect(redis_url(settings))
+    ctx["store_redis"] = redis
+    ctx["service"] = invoice_service(redis, settings)
+    ctx["name"] = worker_name()
+    ctx["tasks"] = []
+    for name, loop in LOOPS:
+        ctx["tasks"].append(asyncio.create_task(loop(ctx), name=name))
+    log.info("worker_started", worker=ctx["name"], loops=[name for name, _ in LOOPS])
+
+
+async def shutdown(ctx: Context) -> None:
+    for task in ctx.get("tasks", []):
+        task.cancel()
+    await asyncio.gather(*ctx.get("tasks", []), return_exceptions=True)
+    redis = ctx.get("store_redis")
+    if redis is not None:
+        with contextlib.suppress(RedisError, OSError):
+            await redis.zrem(keys.WORKERS, ctx["name"])
+        await redis.aclose()
+    log.info("worker_stopped", worker=ctx.get("name"))
+
+
+def build_worker(settings: Settings) -> Worker:
+    """An arq Worker for these settings (`coinvoice worker`)."""
+    return Worker(
+        functions=[],
+        cron_jobs=[
+            cron(
+                fire_timers,  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]
+                second=set(range(60)),
+                run_at_startup=True,
+                unique=True,
+                timeout=60,
+                keep_result=0,
+                max_tries=1,
+            )
+        ],
+        queue_name=QUEUE_NAME,
+        redis_settings=RedisSettings.from_dsn(redis_url(settings)),
+        on_startup=startup,  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]
+        on_shutdown=shutdown,  # type: ignore[arg-type]
+        ctx={"settings": settings},
+        handle_signals=True,
+        keep_result=0,
+        poll_delay=0.2,
+        max_jobs=20,
+    )
+
+
+def run(settings: Settings) -> None:
+    configure_logging(settings.log_format, settings.log_level)
+    build_worker(settings).run()
+
+
+async def check(settings: Settings) -> bool:
+    """Is at least one worker alive with all its loops? (`coinvoice worker --check`)"""
+    redis = connect(redis_url(settings))
+    try:
+        since = time.time() - HEARTBEAT_STALE_SECONDS
+        alive = await redis.zrangebyscore(keys.WORKERS, since, "+inf")
+        return bool(alive)
+    except (RedisError, OSError):
+        return False
+    finally:
+        await redis.aclose()

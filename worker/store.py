@@ -1,0 +1,210 @@
+"""Invoices in Redis: create, read, and commit a transition with its effects atomically.
+
+Each invoice is a hash `{v: version, d: JSON}`. `commit` is a compare-and-set
+on `v` (commit.lua) that writes the new state together with its timer, its
+callback outbox entry, its e-mails and its ledger entries: a crash can never
+separate a state change from its effects, and two writers can never lose an
+update (the loser re-reads and re-applies).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from worker import keys
+from worker.aioredis import awaited
+from worker.codec import dump_invoice, load_invoice
+from worker.effects import Email, LedgerEntry
+from worker.machine import Policy, Transition, deadline
+from worker.models import Invoice
+from worker.money import fmt8
+from worker.scripts import Scripts
+
+
+class DuplicateForeignId(Exception):
+    """The merchant already has an invoice with this foreign id."""
+
+    def __init__(self, existing_id: int) -> None:
+        super().__init__(existing_id)
+        self.existing_id = existing_id
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """An invoice as read, with the version a commit must match."""
+
+    invoice: Invoice
+    version: int
+
+
+def _int(value: bytes | None) -> int | None:
+    return None if value is None else int(value)
+
+
+class InvoiceStore:
+    """Reads and atomic writes of invoices; the only code that knows their Redis shape."""
+
+    def __init__(self, redis: Redis, policy: Policy) -> None:
+        self.redis = redis
+        self.policy = policy
+        self.scripts = Scripts(redis)
+
+    async def next_id(self) -> int:
+        return int(await self.redis.incr(keys.INVOICE_IDS))
+
+    async def create(self, invoice: Invoice) -> None:
+        """Store a new invoice; raise `DuplicateForeignId` if the foreign id is taken."""
+        owner = (
+            keys.address(invoice.address.currency, invoice.address.address)
+            if invoice.address
+            else None
+        )
+        fire_at = deadline(invoice, self.policy)
+        created, existing = await self.scripts.create(
+            keys=[
+                keys.foreign_id(invoice.merchant, invoice.foreign_id),
+                keys.invoice(invoice.id),
+                keys.token(invoice.token),
+                keys.TIMERS,
+                owner or keys.invoice(invoice.id),
+            ],
+            args=[
+                invoice.id,
+                dump_invoice(invoice),
+                "" if fire_at is None else fire_at,
+                "1" if owner else "0",
+            ],
+        )
+        if not int(created):
+            raise DuplicateForeignId(int(existing))
+
+    async def get(self, invoice_id: int) -> Stored | None:
+        version, data = await awaited(self.redis.hmget(keys.invoice(invoice_id), ["v", "d"]))
+        if data is None:
+            return None
+        return Stored(load_invoice(data), int(version))
+
+    async def get_many(self, invoice_ids: Sequence[int]) -> dict[int, Stored]:
+        """Read many invoices in one round trip (missing ones are left out)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for invoice_id in invoice_ids:
+                pipe.hmget(keys.invoice(invoice_id), ["v", "d"])
+            rows = await pipe.execute()
+        return {
+            invoice_id: Stored(load_invoice(data), int(version))
+            for invoice_id, (version, data) in zip(invoice_ids, rows, strict=True)
+            if data is not None
+        }
+
+    async def id_by_foreign_id(self, merchant: str, foreign_id: str) -> int | None:
+        return _int(await self.redis.get(keys.foreign_id(merchant, foreign_id)))
+
+    async def id_by_token(self, token: str) -> int | None:
+        return _int(await self.redis.get(keys.token(token)))
+
+    async def ids_by_address(self, pairs: Sequence[tuple[str, str]]) -> list[int | None]:
+        """Owners of (currency, address) pairs, in one round trip."""
+        if not pairs:
+            return []
+        owners = await self.redis.mget([keys.address(c, a) for c, a in pairs])
+        return [_int(owner) for owner in owners]
+
+    async def commit(self, stored: Stored, transition: Transition, now: int) -> bool:
+        """Write `transition` if the invoice is still at `stored.version`; False on a conflict."""
+        keys_, args = self.commit_call(stored, transition, now)
+        return bool(await self.scripts.commit(keys=keys_, args=args))
+
+    async def queue_commit(
+        self, pipe: Pipeline, stored: Stored, transition: Transition, now: int
+    ) -> None:
+        """Add a commit to a pipeline (batch apply); its result is the new version or 0."""
+        keys_, args = self.commit_call(stored, transition, now)
+        await self.scripts.commit(keys=keys_, args=args, client=pipe)
+
+    def commit_call(
+        self, stored: Stored, transition: Transition, now: int
+    ) -> tuple[list[str], list[str | int | bytes]]:
+        """KEYS and ARGV of commit.lua for one transition."""
+        new = transition.invoice
+        fire_at = deadline(new, self.policy)
+        callback = transition.callback
+        ledger = [e for e in transition.effects if isinstance(e, LedgerEntry)]
+        mails = [e for e in transition.effects if isinstance(e, Email)]
+        # A deposit address assigned by this transition becomes owned by the invoice.
+        assigned = new.address if new.address != stored.invoice.address else None
+        owner = (
+            keys.address(assigned.currency, assigned.address) if assigned else keys.invoice(new.id)
+        )
+        return (
+            [
+                keys.invoice(new.id),
+                keys.TIMERS,
+                keys.DELIVERY_DUE,
+                keys.delivery(new.id),
+                keys.MAIL_DUE,
+                keys.mails(new.id),
+                keys.balance(new.merchant),
+                keys.ledger(new.merchant),
+                owner,
+            ],
+            [
+                stored.version,
+                dump_invoice(new),
+                new.id,
+                "" if fire_at is None else fire_at,
+                "" if callback is None else callback.sequence,
+                now,
+                _ledger_json(ledger, now),
+                _mails_json(mails, now),
+                "1" if assigned else "0",
+            ],
+        )
+
+    async def due_timers(self, now: int, limit: int) -> list[int]:
+        """Invoices whose timer fire time has come."""
+        ids = await self.redis.zrangebyscore(keys.TIMERS, "-inf", now, start=0, num=limit)
+        return [int(i) for i in ids]
+
+    async def balances(self, merchant: str) -> dict[str, Decimal]:
+        raw = await awaited(self.redis.hgetall(keys.balance(merchant)))
+        return {k.decode(): Decimal(v.decode()) for k, v in raw.items()}
+
+    async def dec_add(self, a: str, b: str) -> str:
+        """The Lua decimal addition, exposed for its tests."""
+        result = await self.scripts.dec_add(keys=[], args=[a, b])
+        return result.decode() if isinstance(result, bytes) else str(result)
+
+
+def _ledger_json(entries: Iterable[LedgerEntry], now: int) -> str:
+    rows = [
+        {
+            "invoice_id": e.invoice_id,
+            "currency": e.currency,
+            "amount": fmt8(e.amount),
+            "kind": e.kind.value,
+            "at": now,
+        }
+        for e in entries
+    ]
+    return json.dumps(rows) if rows else ""
+
+
+def _mails_json(mails: Iterable[Email], now: int) -> str:
+    records = {
+        m.cause: {
+            "kind": m.kind.value,
+            "cause": m.cause,
+            "currency": m.currency,
+            "expected": fmt8(m.expected),
+            "received": fmt8(m.received),
+            "created_at": now,
+        }
+        for m in mails
+    }
+    return json.dumps(records) if records else ""
