@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from receiver import appkeys
+from receiver.accesslog import AccessLogger
 from receiver.errors import error_middleware
 from receiver.health import LIFECYCLE, Lifecycle, mark_shutting_down
 from receiver.metrics import METRICS, Metrics, metrics_middleware
@@ -58,5 +59,6 @@ def run(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         print=None,
+        access_log_class=AccessLogger,
         shutdown_timeout=10,
     )

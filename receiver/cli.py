@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from receiver import operator, simulate
 from worker.aioredis import connect
 from worker.config import Settings, load_settings
 from worker.merchants import MerchantExists, MerchantStore, make_merchant
@@ -112,6 +113,27 @@ def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
     return status
 
 
+# --------------------------------------------------------------------------- operators
+
+
+def cmd_simulate_deposit(args: argparse.Namespace, settings: Settings) -> int:
+    """Send one signed processing callback to the local receiver (demos and tests)."""
+    return _run_async(simulate.deposit(args, settings))
+
+
+def cmd_orphans(args: argparse.Namespace, settings: Settings) -> int:
+    """Deposits to addresses no invoice owns, one JSON object per transaction."""
+    return _run_async(operator.orphans(settings))
+
+
+def cmd_invoice_show(args: argparse.Namespace, settings: Settings) -> int:
+    return _run_async(operator.invoice_show(settings, args.merchant, args.foreign_id))
+
+
+def cmd_callbacks_redeliver(args: argparse.Namespace, settings: Settings) -> int:
+    return _run_async(operator.callbacks_redeliver(settings, args.merchant, args.foreign_id))
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -144,6 +166,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--standard-webhooks", action="store_true", help="also sign the Standard Webhooks way"
     )
     add.set_defaults(func=cmd_merchant_add)
+
+    simulate_cmd = commands.add_parser("simulate", help="demo inputs")
+    simulate_commands = simulate_cmd.add_subparsers(dest="simulate_command", required=True)
+    deposit = simulate_commands.add_parser(
+        "deposit", help="send a signed processing callback for a deposit to ADDRESS"
+    )
+    deposit.add_argument("--address", required=True)
+    deposit.add_argument("--amount", required=True)
+    deposit.add_argument(
+        "--status", choices=["not_confirmed", "confirmed", "cancelled"], default="not_confirmed"
+    )
+    deposit.add_argument("--confirmations", type=int, default=0)
+    deposit.add_argument("--tx-id", type=int, help="processing transaction id (generated)")
+    deposit.add_argument("--txid", help="chain transaction hash (generated)")
+    deposit.add_argument("--compliance", choices=["clear", "flagged"], default="clear")
+    deposit.add_argument("--currency", help="the address's currency (looked up when absent)")
+    deposit.add_argument("--observed-at", type=int, help="unix seconds (default: now)")
+    deposit.add_argument("--url", help="receiver base URL (default: COINVOICE_PUBLIC_URL)")
+    deposit.set_defaults(func=cmd_simulate_deposit)
+
+    orphans = commands.add_parser("orphans", help="deposits no invoice owns (JSON lines)")
+    orphans.set_defaults(func=cmd_orphans)
+
+    invoice = commands.add_parser("invoice", help="operator views of invoices")
+    invoice_commands = invoice.add_subparsers(dest="invoice_command", required=True)
+    show = invoice_commands.add_parser("show", help="an invoice with its delivery state (JSON)")
+    show.add_argument("foreign_id")
+    show.add_argument("--merchant", required=True, help="the merchant key")
+    show.set_defaults(func=cmd_invoice_show)
+
+    callbacks = commands.add_parser("callbacks", help="merchant callback delivery")
+    callbacks_commands = callbacks.add_subparsers(dest="callbacks_command", required=True)
+    again = callbacks_commands.add_parser(
+        "redeliver", help="deliver the newest snapshot again now (dead-lettered too)"
+    )
+    again.add_argument("foreign_id")
+    again.add_argument("--merchant", required=True, help="the merchant key")
+    again.set_defaults(func=cmd_callbacks_redeliver)
     return parser
 
 

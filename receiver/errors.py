@@ -119,7 +119,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         mapped = _from_exception(exc)
         if mapped is not None:
             return json_error(mapped)
-        log.exception("request_failed", path=request.path, method=request.method)
+        # The route pattern, not the path: a public path carries the invoice's secret token.
+        route = request.match_info.route.resource
+        log.exception(
+            "request_failed", route=route.canonical if route else "unmatched", method=request.method
+        )
         return json_error(
             ApiError(500, {"error": "Internal server error", "code": "internal_error"})
         )

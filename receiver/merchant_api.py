@@ -5,10 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from receiver import appkeys, views
-from receiver.errors import field_errors
+from receiver.errors import field_errors, invalid_state
 from receiver.requests import merchant_request
 from receiver.schemas import CreateInvoice, EmptyBody, ForeignIdBody
 from worker.currencies import CurrencyType, UnknownCurrency
+from worker.delivery import delivery_log, redeliver
 from worker.money import fmt8
 from worker.service import InvoiceRequest
 from worker.snapshot import snapshot
@@ -77,6 +78,24 @@ async def invoice_status(request: web.Request) -> web.Response:
     return data(snapshot(stored.invoice))
 
 
+async def callbacks_log(request: web.Request) -> web.Response:
+    """Every callback sequence of an invoice with its state and attempts, oldest first."""
+    merchant, body = await merchant_request(request, ForeignIdBody)
+    stored = await request.app[appkeys.SERVICE].by_foreign_id(merchant.key, body.foreign_id)
+    return data(await delivery_log(request.app[appkeys.REDIS], stored.invoice))
+
+
+async def callbacks_redeliver(request: web.Request) -> web.Response:
+    """Deliver the newest snapshot again now, with its existing sequence (dead ones too)."""
+    merchant, body = await merchant_request(request, ForeignIdBody)
+    service = request.app[appkeys.SERVICE]
+    stored = await service.by_foreign_id(merchant.key, body.foreign_id)
+    sequence = await redeliver(service.store, stored.invoice, service.now())
+    if not sequence:
+        raise invalid_state("The invoice has no callback to redeliver yet.", "nothing_to_redeliver")
+    return data({"foreign_id": body.foreign_id, "sequence": sequence, "state": "pending"})
+
+
 async def accounts_list(request: web.Request) -> web.Response:
     merchant, _ = await merchant_request(request, EmptyBody)
     balances = await request.app[appkeys.SERVICE].store.balances(merchant.key)
@@ -101,7 +120,11 @@ async def currencies_rates(request: web.Request) -> web.Response:
     rates = request.app[appkeys.RATES]
     codes = [c.code for c in rates.currencies()]
     pairs = [
-        {"currency_from": c.code, "currency_to": to, "rate": fmt8(rates.rate(c.code, to))}
+        {
+            "currency_from": c.code,
+            "currency_to": to,
+            "rate": fmt8(rates.rate(c.code, to)),
+        }
         for c in rates.currencies()
         if c.type is CurrencyType.CRYPTO
         for to in codes

@@ -26,7 +26,7 @@ async def check(redis: Redis, scope: str, who: str, limit: int) -> None:
     key = keys.rate_limit(scope, who, second)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.incr(key)
-        pipe.expire(key, WINDOW_TTL_SECONDS, nx=True)
+        pipe.expire(key, WINDOW_TTL_SECONDS)  # (EXPIRE NX would need Redis 7)
         count, _ = await pipe.execute()
     if int(count) > limit:
         raise rate_limited(retry_after=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from receiver import health, merchant_api, metrics, public_api
+from receiver import health, merchant_api, metrics, openapi, pages, processing_api, public_api
 
 
 def setup_routes(app: web.Application) -> None:
@@ -16,6 +16,12 @@ def setup_routes(app: web.Application) -> None:
                 "/api/v2/invoices/{foreign_id}/cancel/", merchant_api.cancel_invoice, name="cancel"
             ),
             web.post("/api/v2/invoices/status", merchant_api.invoice_status, name="status"),
+            web.post("/api/v2/invoices/callbacks", merchant_api.callbacks_log, name="callbacks"),
+            web.post(
+                "/api/v2/invoices/callbacks/redeliver",
+                merchant_api.callbacks_redeliver,
+                name="redeliver",
+            ),
             web.post("/api/v2/accounts/list", merchant_api.accounts_list, name="accounts"),
             web.post("/api/v2/currencies/list", merchant_api.currencies_list, name="currencies"),
             web.post("/api/v2/currencies/rates", merchant_api.currencies_rates, name="rates"),
@@ -23,8 +29,13 @@ def setup_routes(app: web.Application) -> None:
             web.post(
                 "/api/v2/public/invoices/{token}/confirm", public_api.confirm, name="public_confirm"
             ),
+            web.post(
+                "/api/v2/processing/callbacks", processing_api.receive, name="processing_callback"
+            ),
             web.get("/health/live", health.live, name="live"),
             web.get("/health/ready", health.ready, name="ready"),
             web.get("/metrics", metrics.serve, name="metrics"),
+            web.get("/api/v2/openapi.json", openapi.serve, name="openapi"),
         ]
     )
+    pages.setup_page_routes(app)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
+from email.errors import HeaderParseError
+from email.headerregistry import Address
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
@@ -28,7 +30,16 @@ def _amount(value: object) -> Decimal:
 
 
 def _email(value: str) -> str:
-    if len(value) > 254 or not _EMAIL.match(value):
+    """One plain address that the mail sender will accept too (worker/mail.py)."""
+    try:
+        plain = (
+            len(value) <= 254
+            and bool(_EMAIL.match(value))
+            and Address(addr_spec=value).addr_spec == value
+        )
+    except (ValueError, IndexError, HeaderParseError):
+        plain = False
+    if not plain:
         raise ValueError("Enter a valid e-mail address.")
     return value
 

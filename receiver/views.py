@@ -5,10 +5,35 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from worker import machine
 from worker.currencies import FileRateProvider, crypto_codes, quote
 from worker.machine import remaining_amount
 from worker.models import Invoice, Quote
 from worker.money import fmt8
+
+# The failure texts of spec §5 are written for merchants; the customer's page says the
+# same in plain words and tells them what happens next.
+_CUSTOMER_ERRORS = {
+    machine.NOT_PAID: "The time to pay ran out before a payment arrived. "
+    "Please do not send anything to this address any more.",
+    machine.PROCESSING_TOO_LONG: "Your payment was not confirmed by the network in time. "
+    "We will e-mail you how to get it refunded.",
+    machine.TIMER_UNDERPAID: "The time to pay ran out and less than the requested amount "
+    "arrived. We will e-mail you how to get the payment back.",
+    machine.UNDERPAID: "Less than the requested amount arrived. "
+    "We will e-mail you how to get the payment back.",
+    machine.FLAGGED: "Your payment could not be accepted after a compliance check. "
+    "We will e-mail you how to claim a refund.",
+    machine.CANCELLED: "This invoice was cancelled. If you paid anything, "
+    "we will e-mail you how to get it back.",
+}
+
+
+def customer_error(error: str) -> str | None:
+    """Why the invoice failed, in words for the customer; None while it has not failed."""
+    if not error:
+        return None
+    return _CUSTOMER_ERRORS.get(error, f"The payment failed: {error}")
 
 
 def _seconds_left(invoice: Invoice, now: int) -> int | None:
@@ -60,6 +85,7 @@ def public(invoice: Invoice, rates: FileRateProvider, now: int) -> dict[str, Any
         "type": invoice.payment_type.value,
         "status": invoice.status.value,
         "error": invoice.error,
+        "error_text": customer_error(invoice.error),
         "email": invoice.email,
         "sender_currency": invoice.sender_currency,
         "sender_amount": fmt8(invoice.sender_amount) if invoice.sender_amount is not None else None,

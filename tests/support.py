@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from aiohttp.test_utils import TestClient
 
+from worker import keys
 from worker.config import Settings
+from worker.ingest import Ingest, ensure_group
 from worker.models import Merchant
 from worker.signing import sign
+
+T = TypeVar("T")
 
 PROCESSING_KEY = "test-processing-key"
 PROCESSING_SECRET = "test-processing-secret"
@@ -60,3 +66,77 @@ def create_payload(foreign_id: str, **fields: Any) -> dict[str, Any]:
     }
     payload.update(fields)
     return payload
+
+
+def deposit(
+    address: str,
+    amount: str,
+    *,
+    tx_id: int = 1,
+    currency: str = "BTC",
+    status: str = "not_confirmed",
+    confirmations: int = 0,
+    compliance: str = "clear",
+    observed_at: int | None = None,
+    txid: str | None = None,
+) -> dict[str, Any]:
+    """A §8 processing callback body for one transaction."""
+    body: dict[str, Any] = {
+        "id": tx_id,
+        "type": "deposit",
+        "crypto_address": {"currency": currency, "address": address, "tag": None},
+        "transactions": [
+            {
+                "id": tx_id,
+                "currency": currency,
+                "transaction_type": "blockchain",
+                "type": "deposit",
+                "address": address,
+                "tag": None,
+                "amount": amount,
+                "txid": txid or f"{tx_id:064x}",
+                "confirmations": str(confirmations),
+                "riskscore": "0.1",
+            }
+        ],
+        "status": status,
+        "compliance": compliance,
+    }
+    if observed_at is not None:
+        body["observed_at"] = observed_at
+    return body
+
+
+async def processing_post(client: TestClient[Any, Any], payload: object) -> tuple[int, Any]:
+    """POST a processing callback signed with the test processing key pair."""
+    body = json.dumps(payload).encode()
+    response = await client.post(
+        "/api/v2/processing/callbacks",
+        data=body,
+        headers=signed_headers(PROCESSING_KEY, PROCESSING_SECRET, body),
+    )
+    return response.status, await response.json()
+
+
+async def drain(ingest: Ingest) -> int:
+    """Apply everything queued in the stream with this consumer; return entries processed."""
+    await ensure_group(ingest.redis)
+    total = 0
+    while True:
+        response = await ingest.redis.xreadgroup(
+            keys.UPDATES_GROUP, ingest.consumer, {keys.UPDATES: ">"}, count=ingest.batch
+        )
+        entries = [entry for _, batch in response for entry in batch]
+        if not entries:
+            return total
+        await ingest.process(entries)
+        total += len(entries)
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], expect: T, seconds: float = 10.0, every: float = 0.1
+) -> None:
+    """Poll `probe` until it returns `expect`: for state another process changes."""
+    async with asyncio.timeout(seconds):
+        while await probe() != expect:  # noqa: ASYNC110 - another process changes it
+            await asyncio.sleep(every)

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     # Tests and local demos post callbacks to 127.0.0.1; production must not.
     allow_private_callbacks: bool = False
 
+    # Updates a worker took but did not acknowledge for this long (it died) are
+    # taken over by another worker and applied again (a no-op if they had been).
+    reclaim_idle_seconds: float = Field(default=30.0, gt=0)
+
     processing_key: str = DEMO_PROCESSING_KEY
     processing_secret: SecretStr = SecretStr(DEMO_PROCESSING_SECRET)
 

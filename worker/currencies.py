@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Protocol
 
 from worker.models import Quote
-from worker.money import ZERO, ceil8, div
+from worker.money import ZERO, ceil8, div, mul
 
-# Rates carry 16 significant digits: exact enough for any pair, short on the wire.
+# Rates shown and stored carry 16 significant digits: short on the wire; amounts
+# are computed from the full-precision rate.
 RATE_CONTEXT = Context(prec=16)
 
 
@@ -89,7 +90,7 @@ class FileRateProvider:
 
     def rate(self, source: str, target: str) -> Decimal:
         try:
-            return RATE_CONTEXT.divide(self._prices[source], self._prices[target])
+            return div(self._prices[source], self._prices[target])
         except KeyError as missing:
             raise UnknownCurrency(str(missing)) from None
 
@@ -100,6 +101,10 @@ def crypto_codes(rates: RateProvider) -> tuple[str, ...]:
 
 
 def quote(rates: RateProvider, currency: str, amount: Decimal, sender_currency: str) -> Quote:
-    """What the customer pays in `sender_currency` for `amount` of `currency`, rounded up."""
-    rate = rates.rate(sender_currency, currency)
-    return Quote(sender_currency, ceil8(div(amount, rate)), rate)
+    """What the customer pays in `sender_currency` for `amount` of `currency`, rounded up.
+
+    The product uses the full-precision rate (1.08 EUR → 1.08 USDT stays exact);
+    the rate kept on the quote is rounded to 16 significant digits for display.
+    """
+    paid = ceil8(mul(amount, rates.rate(currency, sender_currency)))
+    return Quote(sender_currency, paid, RATE_CONTEXT.plus(rates.rate(sender_currency, currency)))

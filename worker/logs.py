@@ -64,7 +64,8 @@ def configure_logging(fmt: Literal["json", "console"] | None = None, level: str 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
+            # stdlib records (aiohttp's access log, arq) carry their fields in `extra`.
+            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )

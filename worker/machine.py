@@ -97,7 +97,8 @@ class Transition:
 
     @property
     def callback(self) -> Callback | None:
-        return next((e for e in self.effects if isinstance(e, Callback)), None)
+        """The newest snapshot this change obliges (the last Callback effect)."""
+        return next((e for e in reversed(self.effects) if isinstance(e, Callback)), None)
 
 
 # --------------------------------------------------------------------------- creation
@@ -189,7 +190,7 @@ def confirmed_sum(invoice: Invoice) -> Decimal:
 
 
 def remaining_amount(invoice: Invoice) -> Decimal:
-    """max(0, required − seen); the full amount while nothing is required yet."""
+    """max(0, required − seen); zero while no sender amount is fixed yet (nothing to pay)."""
     if invoice.sender_amount is None:
         return ZERO
     return max(ZERO, invoice.sender_amount - seen_sum(invoice))
@@ -319,6 +320,11 @@ def _confirm(invoice: Invoice, event: CustomerConfirm, policy: Policy) -> Step:
     """Spec §7 confirm: type 1 fixes rate, address and timer; type 2 assigns the address."""
     email = event.email or invoice.email
     if invoice.status.is_final:
+        # A finished invoice still takes the customer's first e-mail address: the
+        # payback or refund mail it caused waits for one (worker/mail.py). Nothing else.
+        same_currency = event.sender_currency in (None, invoice.sender_currency)
+        if same_currency and event.email is not None and invoice.email in (None, event.email):
+            return replace(invoice, email=event.email), ()
         raise InvalidState("Invoice cannot be confirmed in its current state.")
     if invoice.address is not None:
         # Already confirmed (or type 3): only the e-mail may still be recorded.
@@ -385,7 +391,7 @@ def merge(tx: Transaction, update: TransactionUpdate) -> Transaction:
     )
 
 
-def _new_tx(update: TransactionUpdate, late: bool) -> Transaction:
+def new_transaction(update: TransactionUpdate, late: bool) -> Transaction:
     return Transaction(
         id=update.tx_id,
         currency=update.currency,
@@ -406,15 +412,13 @@ def _transaction(invoice: Invoice, update: TransactionUpdate, policy: Policy) ->
     effects: tuple[Effect, ...] = ()
     # Time first: an invoice whose time ran out before this update was observed
     # expires before the update counts, whichever reached us first.
-    if (
-        invoice.status in TIMED
-        and invoice.expires_at is not None
-        and update.observed_at >= invoice.expires_at
-    ):
+    if _ran_out(invoice, update.observed_at):
         invoice, effects = _expire(invoice)
 
     old = invoice.tx(update.tx_id)
-    tx = _new_tx(update, late=invoice.status.is_final) if old is None else merge(old, update)
+    tx = (
+        new_transaction(update, late=invoice.status.is_final) if old is None else merge(old, update)
+    )
     if tx == old:
         return invoice, effects
     others = tuple(t for t in invoice.transactions if t.id != tx.id)
@@ -424,25 +428,51 @@ def _transaction(invoice: Invoice, update: TransactionUpdate, policy: Policy) ->
     if invoice.status.is_final:
         return _after_final(invoice, tx, old, policy, effects)
     if tx.compliance is Compliance.FLAGGED:
-        failed, mail = _fail(invoice, FLAGGED, EmailKind.REFUND_CLAIM, "compliance")
+        # The window the payments earned stays, whether the flag or the sighting came first.
+        flagged = _with_window(invoice, policy)
+        failed, mail = _fail(flagged, FLAGGED, EmailKind.REFUND_CLAIM, "compliance")
         return failed, (*effects, *mail)
-    return _settle(invoice, policy, effects)
+    invoice, effects = _settle(invoice, policy, effects)
+    if _ran_out(invoice, update.observed_at):
+        # The update moved the window's start back so far that it ended before the
+        # update was observed: expire now, as applying the update again would.
+        invoice, mail = _expire(invoice)
+        effects = (*effects, *mail)
+    return invoice, effects
+
+
+def _ran_out(invoice: Invoice, at: int) -> bool:
+    """Had the invoice's time run out at `at` (the processing layer's clock)?"""
+    return invoice.status in TIMED and invoice.expires_at is not None and at >= invoice.expires_at
 
 
 def coverage_time(invoice: Invoice) -> int | None:
-    """When the in-time payments first covered the amount, by the processing layer's clock.
+    """Since when the in-time payments seen cover the amount, by the processing layer's clock.
 
-    A function of the merged transactions alone, so the processing window
-    (spec §4: `observed_at` + window) comes out the same whichever of a
-    payment's updates arrived first.
+    A payment is seen from its first observation on; a dropped (`cancelled`)
+    one only until its last observation. The answer is the start of the
+    latest period in which the seen payments covered the amount (None if
+    they never did). A function of the merged transactions alone, so the
+    move to `processing` and its window (spec §4: `observed_at` + window)
+    come out the same whichever of a payment's updates arrived first — a
+    drop may well arrive before the sighting it ends.
     """
-    total = ZERO
-    counted = (t for t in invoice.transactions if t.counts and not t.late)
-    for tx in sorted(counted, key=lambda t: (t.first_observed_at, t.id)):
-        total += tx.amount
-        if covers(invoice, total):
-            return tx.first_observed_at
-    return None
+    changes: list[tuple[int, Decimal]] = []
+    for tx in invoice.transactions:
+        if tx.late:
+            continue
+        if tx.counts:
+            changes.append((tx.first_observed_at, tx.amount))
+        elif tx.first_observed_at < tx.observed_at:
+            changes += [(tx.first_observed_at, tx.amount), (tx.observed_at, -tx.amount)]
+    total, since, covered = ZERO, None, False
+    for at, amount in sorted(changes):  # at one instant, drops before sightings
+        total += amount
+        now = covers(invoice, total)
+        if now and not covered:
+            since = at
+        covered = now
+    return since
 
 
 def _with_window(invoice: Invoice, policy: Policy) -> Invoice:
@@ -461,7 +491,7 @@ def _after_final(
     effects: tuple[Effect, ...],
 ) -> Step:
     """A final invoice records every update (spec §4) without changing status."""
-    if invoice.status is Status.CONFIRMED:
+    if invoice.status is Status.CONFIRMED or invoice.error == FLAGGED:
         invoice = _with_window(invoice, policy)
     newly_confirmed = tx.status is TxStatus.CONFIRMED and (
         old is None or old.status is not TxStatus.CONFIRMED
@@ -491,10 +521,10 @@ def _settle(invoice: Invoice, policy: Policy, effects: tuple[Effect, ...]) -> St
     paid = confirmed_sum(invoice)
     if covers(invoice, paid):
         return _credit(_with_window(invoice, policy), paid, effects)
-    if covers(invoice, seen_sum(invoice)):
-        # Seen payments cover the amount: `processing`, the timer extended to the window.
-        processing = replace(invoice, status=Status.PROCESSING)
-        return _with_window(processing, policy), effects
+    if coverage_time(invoice) is not None:
+        # Seen payments cover (or covered, before a drop) the amount: `processing`, the
+        # timer extended to the window; there is no way back (spec §3).
+        invoice = _with_window(replace(invoice, status=Status.PROCESSING), policy)
     nothing_in_flight = not any(t.in_flight for t in invoice.transactions)
     if invoice.payment_type is PaymentType.FILL_OR_KILL and paid > ZERO and nothing_in_flight:
         failed, mail = _fail(invoice, UNDERPAID, EmailKind.PAYBACK_GUIDELINE, "underpaid")

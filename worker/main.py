@@ -15,18 +15,24 @@ import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any, TypedDict
 
 from arq import cron
 from arq.connections import RedisSettings
 from arq.worker import Worker
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
 from worker import keys
-from worker.aioredis import connect
+from worker.aioredis import REDIS_RETRIES, connect
 from worker.config import Settings
+from worker.delivery import Deliverer
+from worker.ingest import Ingest
 from worker.logs import configure_logging, get_logger
+from worker.mail import run_mail_loop
 from worker.runtime import invoice_service, redis_url
 from worker.service import InvoiceService
 
@@ -36,6 +42,8 @@ log = get_logger(__name__)
 HEARTBEAT_SECONDS = 2.0
 # ...and counts as alive while its last one is younger than this.
 HEARTBEAT_STALE_SECONDS = 10
+# Counters are logged this often when they changed (seconds).
+STATS_EVERY_SECONDS = 10.0
 # arq job names are global per Redis; ours carry a prefix.
 QUEUE_NAME = "cv:arq"
 
@@ -47,6 +55,8 @@ class Context(TypedDict, total=False):
     redis: Any  # arq's pool, used by arq itself
     store_redis: Redis
     service: InvoiceService
+    ingest: Ingest
+    deliverer: Deliverer
     name: str
     tasks: list[asyncio.Task[None]]
 
@@ -74,9 +84,39 @@ async def _heartbeat(ctx: Context) -> None:
         await asyncio.sleep(HEARTBEAT_SECONDS)
 
 
-# Long-lived loops started with the worker; later features add theirs here.
+async def _ingest(ctx: Context) -> None:
+    """Apply processing updates from the stream (worker/ingest.py)."""
+    await ctx["ingest"].run()
+
+
+async def _deliver(ctx: Context) -> None:
+    """Deliver merchant callbacks (worker/delivery.py)."""
+    await ctx["deliverer"].run()
+
+
+async def _mail(ctx: Context) -> None:
+    """Send due customer e-mails (worker/mail.py)."""
+    await run_mail_loop(ctx["store_redis"], ctx["service"], ctx["settings"])
+
+
+async def _log_stats(ctx: Context) -> None:
+    """Periodic counters, so an operator sees throughput and suppressed duplicates."""
+    last: dict[str, int] = {}
+    while True:
+        await asyncio.sleep(STATS_EVERY_SECONDS)
+        stats = ctx["ingest"].stats.as_dict()
+        if stats != last:
+            log.info("ingest_stats", worker=ctx["name"], **stats)
+            last = stats
+
+
+# Long-lived loops started with the worker.
 LOOPS: list[tuple[str, Callable[[Context], Coroutine[Any, Any, None]]]] = [
-    ("heartbeat", _heartbeat)
+    ("heartbeat", _heartbeat),
+    ("ingest", _ingest),
+    ("delivery", _deliver),
+    ("mail", _mail),
+    ("stats", _log_stats),
 ]
 
 
@@ -86,6 +126,19 @@ async def startup(ctx: Context) -> None:
     ctx["store_redis"] = redis
     ctx["service"] = invoice_service(redis, settings)
     ctx["name"] = worker_name()
+    ctx["ingest"] = Ingest(
+        redis,
+        ctx["service"],
+        consumer=ctx["name"],
+        reclaim_idle_ms=int(settings.reclaim_idle_seconds * 1000),
+    )
+    deliverer = Deliverer(redis, ctx["service"].store, settings)
+    await deliverer.start()
+    ctx["deliverer"] = deliverer
+    # A snapshot committed in this process is delivered without waiting for the next poll.
+    ctx["service"].listeners.append(
+        lambda transition: deliverer.wake() if transition.callback else None
+    )
     ctx["tasks"] = []
     for name, loop in LOOPS:
         ctx["tasks"].append(asyncio.create_task(loop(ctx), name=name))
@@ -96,12 +149,28 @@ async def shutdown(ctx: Context) -> None:
     for task in ctx.get("tasks", []):
         task.cancel()
     await asyncio.gather(*ctx.get("tasks", []), return_exceptions=True)
+    if "ingest" in ctx:
+        log.info("ingest_stats", worker=ctx["name"], **ctx["ingest"].stats.as_dict())
+    if "deliverer" in ctx:
+        await ctx["deliverer"].close()
     redis = ctx.get("store_redis")
     if redis is not None:
         with contextlib.suppress(RedisError, OSError):
             await redis.zrem(keys.WORKERS, ctx["name"])
         await redis.aclose()
     log.info("worker_stopped", worker=ctx.get("name"))
+
+
+def arq_redis_settings(url: str) -> RedisSettings:
+    """arq's connection, retrying through a Redis restart like our own client does."""
+    base = RedisSettings.from_dsn(url)
+    return replace(
+        base,
+        retry_on_timeout=True,
+        retry_on_error=[ConnectionError, TimeoutError],
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=REDIS_RETRIES),
+        conn_retries=REDIS_RETRIES,
+    )
 
 
 def build_worker(settings: Settings) -> Worker:
@@ -120,7 +189,7 @@ def build_worker(settings: Settings) -> Worker:
             )
         ],
         queue_name=QUEUE_NAME,
-        redis_settings=RedisSettings.from_dsn(redis_url(settings)),
+        redis_settings=arq_redis_settings(redis_url(settings)),
         on_startup=startup,  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]
         on_shutdown=shutdown,  # type: ignore[arg-type]
         ctx={"settings": settings},

@@ -46,6 +46,11 @@ class MerchantStore:
             raise MerchantExists(merchant.key)
         await awaited(self.redis.sadd(keys.MERCHANTS, merchant.key))
 
+    async def replace(self, merchant: Merchant) -> None:
+        """Store a changed record of an existing merchant (same key)."""
+        if not await self.redis.set(keys.merchant(merchant.key), dump_merchant(merchant), xx=True):
+            raise LookupError(f"no merchant {merchant.key}")
+
     async def get(self, key: str) -> Merchant | None:
         data = await self.redis.get(keys.merchant(key))
         return None if data is None else load_merchant(data)

@@ -36,7 +36,10 @@ def parse_amount(value: object) -> Decimal:
         amount = None
     if amount is None or not amount.is_finite():
         raise AmountError("must be a decimal number")
-    quantized = amount.quantize(QUANTUM, context=CTX)
+    try:
+        quantized = amount.quantize(QUANTUM, context=CTX)
+    except InvalidOperation:  # more digits than the money context holds: absurdly large
+        raise AmountError("is out of range") from None
     if quantized != amount:
         raise AmountError("must have at most 8 decimals")
     return quantized

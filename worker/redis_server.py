@@ -70,7 +70,12 @@ class RedisServer:
             "--logfile", "redis.log",
         ]  # fmt: skip
         self.process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C reaches our process, which stops
+            # Redis last, after the processes that use it have drained.
+            start_new_session=True,
         )
         self._wait_ready()
         return self

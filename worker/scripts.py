@@ -34,3 +34,6 @@ class Scripts:
         self.create: AsyncScript = redis.register_script(source("create"))
         self.commit: AsyncScript = redis.register_script(source("commit"))
         self.dec_add: AsyncScript = redis.register_script(source("dec_add"))
+        self.claim_due: AsyncScript = redis.register_script(source("claim_due"))
+        self.delivery_done: AsyncScript = redis.register_script(source("delivery_done"))
+        self.redeliver: AsyncScript = redis.register_script(source("redeliver"))

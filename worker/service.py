@@ -22,6 +22,7 @@ from worker.currencies import FileRateProvider, crypto_codes, quote
 from worker.events import CustomerConfirm, Event, MerchantCancel, RefundAddressSet, TimerFired
 from worker.logs import get_logger
 from worker.machine import DomainError, NewInvoice, Policy, Transition
+from worker.mail import release_waiting
 from worker.models import DepositAddress, Invoice, Merchant, PaymentType, Quote
 from worker.store import DuplicateForeignId, InvoiceStore, Stored
 
@@ -72,9 +73,18 @@ def bound(invoice: Invoice) -> dict[str, object]:
     }
 
 
-def describe(transition: Transition) -> list[str]:
-    """Effect names for a log line: what the change obliges, without amounts' context."""
-    return [type(effect).__name__ for effect in transition.effects]
+def log_change(stored: Stored, transition: Transition, cause: str, **extra: object) -> None:
+    """One log event per committed change: who, why, from what to what, which effects."""
+    log.info(
+        "invoice_changed",
+        **bound(transition.invoice),
+        cause=cause,
+        status_from=stored.invoice.status.value,
+        status=transition.invoice.status.value,
+        sequence=transition.invoice.sequence,
+        effects=[type(effect).__name__ for effect in transition.effects],
+        **extra,
+    )
 
 
 class InvoiceService:
@@ -91,6 +101,8 @@ class InvoiceService:
         self.addresses = addresses
         self.policy = policy
         self.clock = clock
+        # Called after every committed change (the worker wakes its delivery loop).
+        self.listeners: list[Callable[[Transition], None]] = []
 
     def now(self) -> int:
         return int(self.clock())
@@ -174,16 +186,14 @@ class InvoiceService:
             return True
         if not await self.store.commit(stored, transition, self.now()):
             return False
-        log.info(
-            "invoice_changed",
-            **bound(transition.invoice),
-            cause=cause,
-            status_from=stored.invoice.status.value,
-            status=transition.invoice.status.value,
-            sequence=transition.invoice.sequence,
-            effects=describe(transition),
-        )
+        log_change(stored, transition, cause)
+        self.committed(transition)
         return True
+
+    def committed(self, transition: Transition) -> None:
+        """Tell the listeners about a committed change."""
+        for listener in self.listeners:
+            listener(transition)
 
     async def by_token(self, token: str) -> Stored:
         invoice_id = await self.store.id_by_token(token)
@@ -224,6 +234,10 @@ class InvoiceService:
             event = CustomerConfirm(self.now(), sender_currency, email, event_quote, address)
             transition = machine.apply(invoice, event, self.policy)
             if await self._commit(stored, transition, "CustomerConfirm"):
+                if transition.invoice.email:
+                    # Mails parked for want of an address can go now (spec §10). Cheap
+                    # and idempotent, so a repeated confirm heals a release a crash lost.
+                    await release_waiting(self.store.redis, invoice.id)
                 return transition.invoice
             await asyncio.sleep(min(0.001 * attempt, 0.05))
         raise ConcurrentModification(token)
@@ -256,5 +270,10 @@ class InvoiceService:
             except (InvoiceNotFound, DomainError, ConcurrentModification) as exc:
                 log.error("timer_failed", invoice_id=invoice_id, error=repr(exc))
                 continue
+            if transition.callback is None:
+                # Nothing was due after all: the entry disagreed with its invoice
+                # (commit.lua keeps them equal; this heals an entry written by hand).
+                log.warning("timer_resynced", invoice_id=invoice_id)
+                await self.store.sync_timer(invoice_id)
             fired += transition.callback is not None
         return fired

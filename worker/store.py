@@ -171,6 +171,15 @@ class InvoiceStore:
         ids = await self.redis.zrangebyscore(keys.TIMERS, "-inf", now, start=0, num=limit)
         return [int(i) for i in ids]
 
+    async def sync_timer(self, invoice_id: int) -> None:
+        """Set the invoice's timer entry from its current state (or remove it)."""
+        stored = await self.get(invoice_id)
+        fire_at = None if stored is None else deadline(stored.invoice, self.policy)
+        if fire_at is None:
+            await self.redis.zrem(keys.TIMERS, invoice_id)
+        else:
+            await self.redis.zadd(keys.TIMERS, {str(invoice_id): fire_at})
+
     async def balances(self, merchant: str) -> dict[str, Decimal]:
         raw = await awaited(self.redis.hgetall(keys.balance(merchant)))
         return {k.decode(): Decimal(v.decode()) for k, v in raw.items()}

