@@ -44,15 +44,12 @@ from worker.mail import (
     BACKOFF_CAP_SECONDS,
     LEASE_SECONDS,
     Mailer,
-    MailState,
-    PermanentMailError,
-    load_record,
-    parse_smtp_url,
-    recipient_address,
     release_waiting,
     run_mail_loop,
     send_due,
 )
+from worker.mail_records import MailState, load_record
+from worker.mail_transport import PermanentMailError, parse_smtp_url, recipient_address
 from worker.models import Merchant
 from worker.redis_server import RedisServer, free_port
 from worker.service import InvoiceService

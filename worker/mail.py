@@ -26,29 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import mailbox
 import random
-import re
 import time
-import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from decimal import Decimal
-from email.errors import HeaderParseError
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import formatdate, parseaddr
-from enum import StrEnum
-from functools import cache
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
-from urllib.parse import parse_qs, unquote, urlsplit
+from dataclasses import replace
+from email.utils import parseaddr
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import aiosmtplib
-import jinja2
-from pydantic import TypeAdapter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -56,12 +40,32 @@ from worker import keys
 from worker.aioredis import awaited
 from worker.config import Settings
 from worker.logs import get_logger
-from worker.models import EmailKind, Invoice
-from worker.money import fmt8
+from worker.models import Invoice
 from worker.scripts import source
 
 if TYPE_CHECKING:
     from worker.service import InvoiceService
+
+
+from worker.mail_records import (
+    Attempt,
+    MailRecord,
+    MailState,
+    dump_record,
+    load_record,
+    member,
+    parse_member,
+)
+from worker.mail_render import Rendered, build_message, render
+from worker.mail_transport import (
+    SEND_TIMEOUT_SECONDS,
+    PermanentMailError,
+    TransientMailError,
+    Transport,
+    recipient_address,
+    short_error,
+    transport_from,
+)
 
 log = get_logger(__name__)
 
@@ -72,8 +76,6 @@ BATCH = 10
 # A claimed mail is nobody else's this long (seconds). Well above one send's
 # timeout, so only a dead worker's mail is taken over, not a slow one's.
 LEASE_SECONDS = 120.0
-# One SMTP conversation or Maildir write may take this long (seconds).
-SEND_TIMEOUT_SECONDS = 30.0
 # Tries per mail before it is marked failed (about 3 hours with the backoff below).
 MAX_ATTEMPTS = 10
 # Wait after the first failed try (seconds); doubles per try up to the cap (seconds).
@@ -83,310 +85,6 @@ BACKOFF_CAP_SECONDS = 3600.0
 LOOP_BACKOFF_CAP_SECONDS = 10.0
 # Compare-and-set rounds per outcome; losing more often means a bug, not contention.
 RECORD_CAS_ATTEMPTS = 5
-# Server replies and exception texts are cut to this many characters in records and logs.
-MAX_ERROR_CHARS = 300
-
-SUBJECT_PREFIX = {
-    EmailKind.PAYBACK_GUIDELINE: "Payback guideline: ",
-    EmailKind.REFUND_CLAIM: "Refund claim: ",
-}
-
-
-class MailState(StrEnum):
-    """Where one e-mail stands; `sent` and `failed` are final."""
-
-    PENDING = "pending"  # recorded by commit.lua, not tried yet
-    RETRYING = "retrying"  # a try failed transiently; due again at `next_at`
-    SENT = "sent"
-    FAILED = "failed"  # refused permanently, or out of tries
-    WAITING_FOR_ADDRESS = "waiting_for_address"  # the invoice has no e-mail yet
-
-    @property
-    def is_final(self) -> bool:
-        return self in (MailState.SENT, MailState.FAILED)
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One try to send a mail."""
-
-    at: int  # unix seconds when the try started
-    outcome: MailState  # the state the try left the mail in
-    duration_ms: int
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class MailRecord:
-    """The record in ``cv:mails:{id}``: commit.lua writes the first six fields, we the rest."""
-
-    kind: EmailKind
-    cause: str
-    currency: str
-    expected: str  # 8-decimal strings, as recorded with the state change
-    received: str
-    created_at: int
-    state: MailState = MailState.PENDING
-    attempts: tuple[Attempt, ...] = ()
-    next_at: int | None = None  # when a retrying mail is due again (unix seconds)
-    sent_at: int | None = None
-    message_id: str | None = None
-
-
-_RECORD = TypeAdapter(MailRecord)
-
-
-def load_record(raw: bytes | str) -> MailRecord:
-    return _RECORD.validate_json(raw)
-
-
-def dump_record(record: MailRecord) -> bytes:
-    return _RECORD.dump_json(record, exclude_none=True)
-
-
-def member(invoice_id: int, cause: str) -> str:
-    """The ``cv:mail:due`` member of a mail (as commit.lua builds it)."""
-    return f"{invoice_id}:{cause}"
-
-
-def parse_member(value: str) -> tuple[int, str]:
-    """``"12:late:5"`` → ``(12, "late:5")``: causes may contain colons, ids do not."""
-    invoice_id, _, cause = value.partition(":")
-    return int(invoice_id), cause
-
-
-# --------------------------------------------------------------------------- rendering
-
-
-@dataclass(frozen=True, slots=True)
-class Rendered:
-    subject: str
-    text: str
-    html: str
-    message_id: str
-
-
-def one_line(text: str) -> str:
-    """Merchant text made safe for a header: no CR, LF or other line breaks or controls."""
-    cleaned = "".join(" " if unicodedata.category(c) in {"Cc", "Zl", "Zp"} else c for c in text)
-    return " ".join(cleaned.split())
-
-
-def message_id(invoice: Invoice, cause: str) -> str:
-    """``<{id}.{cause}.{hash}@coinvoice>``: the same for every send of one mail.
-
-    The hash of the (secret, 192-bit) token makes it unique across deployments
-    whose invoice ids overlap, without revealing the token.
-    """
-    digest = hashlib.sha256(f"{invoice.token}\0{cause}".encode()).hexdigest()[:16]
-    safe_cause = re.sub(r"[^A-Za-z0-9_-]", "-", cause)
-    return f"<{invoice.id}.{safe_cause}.{digest}@coinvoice>"
-
-
-@cache
-def _templates() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.PackageLoader("worker", "templates/mail"),
-        # HTML escapes merchant text (titles); the plain-text part must not.
-        autoescape=jinja2.select_autoescape(enabled_extensions=("html",)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-
-
-def render(invoice: Invoice, record: MailRecord, base_url: str) -> Rendered:
-    """Subject, plain text and HTML of one mail (spec §10)."""
-    subject = one_line(SUBJECT_PREFIX[record.kind] + invoice.title)
-    excess = Decimal(record.received) - Decimal(record.expected)
-    late = invoice.tx(int(record.cause[5:])) if record.cause.startswith("late:") else None
-    context: dict[str, Any] = {
-        "subject": subject,
-        "cause": record.cause,
-        "title": one_line(invoice.title),
-        "foreign_id": invoice.foreign_id,
-        "currency": record.currency,
-        "expected": record.expected,
-        "received": record.received,
-        "excess": fmt8(excess) if excess > 0 else None,
-        "late_amount": fmt8(late.amount) if late is not None else None,
-        "refund_url": f"{base_url.rstrip('/')}/refund/{invoice.token}",
-    }
-    env = _templates()
-    return Rendered(
-        subject=subject,
-        text=env.get_template(f"{record.kind.value}.txt").render(context),
-        html=env.get_template(f"{record.kind.value}.html").render(context),
-        message_id=message_id(invoice, record.cause),
-    )
-
-
-def build_message(rendered: Rendered, sender: str, recipient: str, now: float) -> EmailMessage:
-    """A MIME message: plain text with an HTML alternative."""
-    message = EmailMessage(policy=SMTP)
-    message["Subject"] = rendered.subject
-    message["From"] = sender
-    message["To"] = recipient
-    message["Date"] = formatdate(now, usegmt=True)
-    message["Message-ID"] = rendered.message_id
-    # RFC 3834: auto-responders must not answer this message.
-    message["Auto-Submitted"] = "auto-generated"
-    message.set_content(rendered.text)
-    message.add_alternative(rendered.html, subtype="html")
-    return message
-
-
-# --------------------------------------------------------------------------- transports
-
-
-class MailError(Exception):
-    """A send did not succeed."""
-
-
-class TransientMailError(MailError):
-    """Worth another try later (server busy, network, 4xx)."""
-
-
-class PermanentMailError(MailError):
-    """Another try would fail the same way (5xx refusal of this message, bad address)."""
-
-
-class Transport(Protocol):
-    """Where mails go: an SMTP server or a local Maildir."""
-
-    name: str
-
-    async def send(self, message: EmailMessage, sender: str, recipient: str) -> None:
-        """Deliver or raise `TransientMailError` / `PermanentMailError`."""
-
-
-@dataclass(frozen=True, slots=True)
-class SmtpConfig:
-    """A parsed ``COINVOICE_SMTP_URL``; the password stays out of its repr."""
-
-    host: str
-    port: int
-    use_tls: bool  # smtps://: TLS from the first byte
-    start_tls: bool | None  # True required, False never, None when the server offers it
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-
-_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-
-
-def parse_smtp_url(url: str) -> SmtpConfig:
-    """``smtp://user:pass@host:port[?starttls=1]`` or ``smtps://…`` (implicit TLS)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
-        # The message names no part of the URL: it may hold the password.
-        raise ValueError("COINVOICE_SMTP_URL must look like smtp[s]://user:pass@host:port")
-    use_tls = parts.scheme == "smtps"
-    flag = parse_qs(parts.query).get("starttls", [""])[-1].lower()
-    if flag and flag not in _FLAGS:
-        raise ValueError("COINVOICE_SMTP_URL: starttls must be 1 or 0")
-    start_tls = _FLAGS.get(flag) if flag else None
-    if use_tls and start_tls:
-        raise ValueError("COINVOICE_SMTP_URL: smtps:// and starttls=1 exclude each other")
-    if use_tls:
-        start_tls = False
-    default_port = 465 if use_tls else 587 if start_tls else 25
-    return SmtpConfig(
-        host=parts.hostname,
-        port=parts.port or default_port,
-        use_tls=use_tls,
-        start_tls=start_tls,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-    )
-
-
-def _short(text: str) -> str:
-    return one_line(text)[:MAX_ERROR_CHARS]
-
-
-class SmtpTransport:
-    """One SMTP conversation per mail (aiosmtplib); 5xx refusals are permanent."""
-
-    name = "smtp"
-
-    def __init__(self, config: SmtpConfig) -> None:
-        self.config = config
-
-    async def send(self, message: EmailMessage, sender: str, recipient: str) -> None:
-        config = self.config
-        try:
-            await aiosmtplib.send(
-                message,
-                sender=sender,
-                recipients=[recipient],
-                hostname=config.host,
-                port=config.port,
-                username=config.username,
-                password=config.password,
-                use_tls=config.use_tls,
-                start_tls=config.start_tls,
-                timeout=SEND_TIMEOUT_SECONDS,
-            )
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            refusals = [(r.code, r.message) for r in exc.recipients]
-            text = _short("; ".join(f"{code} {msg}" for code, msg in refusals))
-            if refusals and all(500 <= code < 600 for code, _ in refusals):
-                raise PermanentMailError(text) from None
-            raise TransientMailError(text) from None
-        except (
-            aiosmtplib.SMTPAuthenticationError,
-            aiosmtplib.SMTPHeloError,
-            aiosmtplib.SMTPConnectResponseError,
-        ) as exc:
-            # Our login or the server's greeting: nothing wrong with this mail, so a
-            # later try (after the operator fixed it) may well succeed.
-            raise TransientMailError(_short(f"{exc.code} {exc.message}")) from None
-        except aiosmtplib.SMTPResponseException as exc:
-            text = _short(f"{exc.code} {exc.message}")
-            if 500 <= exc.code < 600:
-                raise PermanentMailError(text) from None
-            raise TransientMailError(text) from None
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            raise TransientMailError(_short(f"{type(exc).__name__}: {exc}")) from None
-
-
-class MaildirTransport:
-    """The local default: every mail as a file in a Maildir, readable with any mail client."""
-
-    name = "maildir"
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    async def send(self, message: EmailMessage, sender: str, recipient: str) -> None:
-        try:
-            await asyncio.to_thread(self._add, message)
-        except OSError as exc:
-            raise TransientMailError(_short(f"{type(exc).__name__}: {exc}")) from None
-
-    def _add(self, message: EmailMessage) -> None:
-        # Maildir creates its own folder (with cur/new/tmp) but not the parents.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Files in a Maildir end lines with LF; the message's policy speaks SMTP (CRLF).
-        data = message.as_bytes(policy=message.policy.clone(linesep="\n"))
-        mailbox.Maildir(self.path, create=True).add(data)
-
-
-def transport_from(settings: Settings) -> Transport:
-    """SMTP when ``COINVOICE_SMTP_URL`` is set, else the Maildir."""
-    if settings.smtp_url is not None:
-        return SmtpTransport(parse_smtp_url(settings.smtp_url.get_secret_value()))
-    return MaildirTransport(settings.maildir)
-
-
-def recipient_address(email: str) -> str:
-    """The one address to send to; anything else (a list, line breaks) is refused."""
-    try:
-        return Address(addr_spec=email).addr_spec
-    except (ValueError, IndexError, HeaderParseError) as exc:
-        raise PermanentMailError("the invoice's e-mail address is not valid") from exc
 
 
 # --------------------------------------------------------------------------- Redis
@@ -585,7 +283,7 @@ class Mailer:
             # A bug (a template, an odd record) must not stop the other mails; it is
             # retried like a transient failure, so it ends as `failed` after MAX_ATTEMPTS.
             # No traceback: a renderer showing frame locals could print the SMTP password.
-            error = _short(f"{type(exc).__name__}: {exc}")
+            error = short_error(f"{type(exc).__name__}: {exc}")
             log.error("mail_unexpected_error", cause=record.cause, error=error)
         if error is None:
             outcome = MailState.SENT
