@@ -97,7 +97,7 @@ STATUS_TEXTS: dict[str, tuple[str, str]] = {
     "confirmed": ("Payment confirmed", "Thank you! Your payment is complete."),
     "failed": ("Payment failed", ""),
 }
-_CHOOSE_DETAIL = "Pick a currency. The amounts are fixed until the time runs out."
+_CHOOSE_DETAIL = "Pick a currency and pay before the time runs out."
 _PARTIAL_DETAIL = "Part of your payment has arrived. Send the rest to the same address."
 
 # Where each currency travels, so nobody sends USDT over the wrong network.

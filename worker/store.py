@@ -60,29 +60,39 @@ class InvoiceStore:
 
     async def create(self, invoice: Invoice) -> None:
         """Store a new invoice; raise `DuplicateForeignId` if the foreign id is taken."""
+        keys_, args = self.create_call(invoice)
+        created, existing = await self.scripts.create(keys=keys_, args=args)
+        if not int(created):
+            raise DuplicateForeignId(int(existing))
+
+    async def queue_create(self, pipe: Pipeline, invoice: Invoice) -> None:
+        """Add a create to a pipeline (bulk loads); its result is `[1, id]` or `[0, existing]`."""
+        keys_, args = self.create_call(invoice)
+        await self.scripts.create(keys=keys_, args=args, client=pipe)
+
+    def create_call(self, invoice: Invoice) -> tuple[list[str], list[str | int | bytes]]:
+        """KEYS and ARGV of create.lua for one new invoice."""
         owner = (
             keys.address(invoice.address.currency, invoice.address.address)
             if invoice.address
             else None
         )
         fire_at = deadline(invoice, self.policy)
-        created, existing = await self.scripts.create(
-            keys=[
+        return (
+            [
                 keys.foreign_id(invoice.merchant, invoice.foreign_id),
                 keys.invoice(invoice.id),
                 keys.token(invoice.token),
                 keys.TIMERS,
                 owner or keys.invoice(invoice.id),
             ],
-            args=[
+            [
                 invoice.id,
                 dump_invoice(invoice),
                 "" if fire_at is None else fire_at,
                 "1" if owner else "0",
             ],
         )
-        if not int(created):
-            raise DuplicateForeignId(int(existing))
 
     async def get(self, invoice_id: int) -> Stored | None:
         version, data = await awaited(self.redis.hmget(keys.invoice(invoice_id), ["v", "d"]))
