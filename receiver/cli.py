@@ -13,10 +13,12 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import urlsplit
 
 from receiver import operator, simulate
 from worker.aioredis import connect
 from worker.config import Settings, load_settings
+from worker.logs import configure_logging
 from worker.merchants import MerchantExists, MerchantStore, make_merchant
 from worker.runtime import RedisUrlMissing, redis_url
 
@@ -76,6 +78,12 @@ async def _check(settings: Settings) -> int:
 
 
 def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
+    if (
+        urlsplit(args.callback_url).scheme not in ("http", "https")
+        or not urlsplit(args.callback_url).netloc
+    ):
+        print("coinvoice: --callback-url must be an http(s) URL", file=sys.stderr)
+        return 2
     merchant = make_merchant(
         args.name,
         args.callback_url,
@@ -210,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = load_settings()
+    # Logs go to stderr, so what a command prints on stdout stays machine-readable.
+    configure_logging(settings.log_format, settings.log_level)
     command: Command = args.func
     try:
         return command(args, settings)

@@ -16,12 +16,15 @@ import random
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
 from tests import processes
 from tests.scenarios import body, create_plans, mismatches, reference
 from tests.sink import Behaviour, running_sink
+from tests.support import create_payload, signed_headers
+from worker import keys
 from worker.config import Settings
 from worker.delivery import delivery_log
 from worker.ingest import enqueue, ensure_group
@@ -267,3 +270,31 @@ async def test_worker_killed_mid_delivery_delivers_later(
         log = await delivery_log(redis, invoice)
         assert log[-1]["state"] == "delivered"
         record("killed-mid-delivery", {"requests": len(received), "sequence": invoice.sequence})
+
+
+async def test_racing_creates_across_receiver_processes(
+    redis: aioredis.Redis, redis_server: RedisServer, merchant: Merchant, tmp_path: Path
+) -> None:
+    """50 identical creates spread over two receiver processes: one invoice, 49 refusals."""
+    env = processes.child_env(redis_server.url)
+    first, base_a = await processes.receiver(env, tmp_path)
+    second, base_b = await processes.receiver(env, tmp_path)
+    payload = json.dumps(create_payload("race", sender_currency="BTC")).encode()
+    headers = signed_headers(merchant.key, merchant.secret, payload)
+
+    async def create(session: aiohttp.ClientSession, base: str) -> int:
+        async with session.post(
+            base + "/api/v2/invoices/create", data=payload, headers=headers
+        ) as r:
+            return r.status
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            statuses = await asyncio.gather(
+                *(create(session, (base_a, base_b)[n % 2]) for n in range(50))
+            )
+    finally:
+        first.stop()
+        second.stop()
+    assert sorted(statuses) == [200] + [400] * 49
+    assert len([k async for k in redis.scan_iter(match=keys.invoice(0)[:-1] + "*")]) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
 from typing import Any
@@ -514,3 +515,40 @@ async def test_a_stray_timer_entry_heals_itself(
     assert await service.fire_due_timers() == 0
     assert await redis.zscore(keys.TIMERS, invoice["id"]) == invoice["release_at"] + 30
     assert (await status_of(client, merchant, "stray"))["status"] == "pending"
+
+
+async def test_racing_timer_sweeps_fire_each_timer_once(
+    client: Client,
+    merchant: Merchant,
+    service: InvoiceService,
+    redis: aioredis.Redis,
+    ingest: Ingest,
+) -> None:
+    """Five sweeps at once over 20 due invoices: each fails once, one callback, one e-mail."""
+    invoices = [
+        await new_invoice(client, merchant, f"due-{n}", type="good_until_expired")
+        for n in range(20)
+    ]
+    for n, inv in enumerate(invoices):  # a part payment, so expiry also owes an e-mail
+        await send(
+            client,
+            deposit(inv["address"], "0.00000100", tx_id=500 + n, observed_at=inv["fixed_at"] + 1),
+        )
+    await drain(ingest)
+    clock = service.clock
+    service.clock = lambda: max(inv["release_at"] for inv in invoices) + 30
+    try:
+        fired = await asyncio.gather(*(service.fire_due_timers() for _ in range(5)))
+    finally:
+        service.clock = clock
+    assert sum(fired) == 20
+    for inv in invoices:
+        data = await status_of(client, merchant, inv["foreign_id"])
+        assert (data["status"], data["error"], data["sequence"]) == (
+            "failed",
+            "Timer expired. User paid less than requested.",
+            2,
+        )
+        assert list(await redis.hkeys(keys.mails(inv["id"]))) == [b"timer_underpaid"]
+    assert await redis.zcard(keys.MAIL_DUE) == 20
+    assert await redis.zcard(keys.TIMERS) == 0
