@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.asyncio import Redis
 
 from worker import keys, machine
 from worker.aioredis import awaited, connect
@@ -12,8 +16,9 @@ from worker.config import Settings
 from worker.delivery import delivery_log, redeliver
 from worker.events import TransactionUpdate
 from worker.runtime import invoice_service, redis_url
-from worker.service import InvoiceNotFound
+from worker.service import InvoiceNotFound, InvoiceService
 from worker.snapshot import snapshot
+from worker.store import Stored
 
 
 async def orphans(settings: Settings) -> int:
@@ -51,24 +56,34 @@ async def orphans(settings: Settings) -> int:
     return 0
 
 
-async def invoice_show(settings: Settings, merchant: str, foreign_id: str) -> int:
-    """The merchant's view of one invoice plus what only operators see."""
+@asynccontextmanager
+async def _invoice_of(
+    settings: Settings, merchant: str, foreign_id: str
+) -> AsyncIterator[tuple[Redis, InvoiceService, Stored]]:
+    """Redis, the service and the merchant's invoice; InvoiceNotFound if there is none."""
     redis = connect(redis_url(settings))
     try:
         service = invoice_service(redis, settings)
-        try:
-            stored = await service.by_foreign_id(merchant, foreign_id)
-        except InvoiceNotFound:
-            print(
-                f"coinvoice: no invoice {foreign_id!r} for merchant {merchant!r}", file=sys.stderr
-            )
-            return 1
-        invoice = stored.invoice
-        timer = await redis.zscore(keys.TIMERS, invoice.id)
-        mails = await awaited(redis.hgetall(keys.mails(invoice.id)))
-        callbacks = await delivery_log(redis, invoice)
+        yield redis, service, await service.by_foreign_id(merchant, foreign_id)
     finally:
         await redis.aclose()
+
+
+def _not_found(merchant: str, foreign_id: str) -> int:
+    print(f"coinvoice: no invoice {foreign_id!r} for merchant {merchant!r}", file=sys.stderr)
+    return 1
+
+
+async def invoice_show(settings: Settings, merchant: str, foreign_id: str) -> int:
+    """The merchant's view of one invoice plus what only operators see."""
+    try:
+        async with _invoice_of(settings, merchant, foreign_id) as (redis, _, stored):
+            invoice = stored.invoice
+            timer = await redis.zscore(keys.TIMERS, invoice.id)
+            mails = await awaited(redis.hgetall(keys.mails(invoice.id)))
+            callbacks = await delivery_log(redis, invoice)
+    except InvoiceNotFound:
+        return _not_found(merchant, foreign_id)
     view = snapshot(invoice) | {
         "version": stored.version,
         "token": invoice.token,
@@ -86,19 +101,11 @@ async def invoice_show(settings: Settings, merchant: str, foreign_id: str) -> in
 
 async def callbacks_redeliver(settings: Settings, merchant: str, foreign_id: str) -> int:
     """Deliver an invoice's newest snapshot again now, dead-lettered or not."""
-    redis = connect(redis_url(settings))
     try:
-        service = invoice_service(redis, settings)
-        try:
-            stored = await service.by_foreign_id(merchant, foreign_id)
-        except InvoiceNotFound:
-            print(
-                f"coinvoice: no invoice {foreign_id!r} for merchant {merchant!r}", file=sys.stderr
-            )
-            return 1
-        sequence = await redeliver(service.store, stored.invoice, service.now())
-    finally:
-        await redis.aclose()
+        async with _invoice_of(settings, merchant, foreign_id) as (_, service, stored):
+            sequence = await redeliver(service.store, stored.invoice, service.now())
+    except InvoiceNotFound:
+        return _not_found(merchant, foreign_id)
     if not sequence:
         print("coinvoice: the invoice has no callback to redeliver yet", file=sys.stderr)
         return 1

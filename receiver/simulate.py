@@ -40,10 +40,10 @@ def deposit_body(
     status: str,
     confirmations: int,
     compliance: str,
-    observed_at: int,
+    observed_at: int | None,
 ) -> dict[str, object]:
-    """A processing callback in the deposit-callback shape of spec §8."""
-    return {
+    """A processing callback in the deposit-callback shape of spec §8 (no observed_at: now)."""
+    body: dict[str, object] = {
         "id": tx_id,
         "type": "deposit",
         "crypto_address": {"currency": currency, "address": address, "tag": None},
@@ -62,8 +62,10 @@ def deposit_body(
         ],
         "status": status,
         "compliance": compliance,
-        "observed_at": observed_at,
     }
+    if observed_at is not None:
+        body["observed_at"] = observed_at
+    return body
 
 
 async def deposit(args: argparse.Namespace, settings: Settings) -> int:

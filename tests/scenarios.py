@@ -19,6 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from receiver.simulate import deposit_body
 from worker import keys, machine
 from worker.codec import load_invoice
 from worker.effects import LedgerEntry
@@ -119,27 +120,17 @@ async def create_plans(
 def body(update: TransactionUpdate) -> bytes:
     """The §8 processing callback that reports `update`."""
     return json.dumps(
-        {
-            "id": update.tx_id,
-            "type": "deposit",
-            "crypto_address": {"currency": update.currency, "address": update.address, "tag": None},
-            "transactions": [
-                {
-                    "id": update.tx_id,
-                    "currency": update.currency,
-                    "transaction_type": "blockchain",
-                    "type": "deposit",
-                    "address": update.address,
-                    "tag": None,
-                    "amount": fmt8(update.amount),
-                    "txid": update.txid,
-                    "confirmations": str(update.confirmations),
-                }
-            ],
-            "status": update.status.value,
-            "compliance": update.compliance.value,
-            "observed_at": update.observed_at,
-        }
+        deposit_body(
+            tx_id=update.tx_id,
+            currency=update.currency,
+            address=update.address,
+            amount=fmt8(update.amount),
+            txid=update.txid,
+            status=update.status.value,
+            confirmations=update.confirmations,
+            compliance=update.compliance.value,
+            observed_at=update.observed_at,
+        )
     ).encode()
 
 

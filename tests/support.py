@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from aiohttp.test_utils import TestClient
 
+from receiver.simulate import deposit_body
 from worker import keys
 from worker.config import Settings
 from worker.ingest import Ingest, ensure_group
@@ -80,31 +81,18 @@ def deposit(
     observed_at: int | None = None,
     txid: str | None = None,
 ) -> dict[str, Any]:
-    """A §8 processing callback body for one transaction."""
-    body: dict[str, Any] = {
-        "id": tx_id,
-        "type": "deposit",
-        "crypto_address": {"currency": currency, "address": address, "tag": None},
-        "transactions": [
-            {
-                "id": tx_id,
-                "currency": currency,
-                "transaction_type": "blockchain",
-                "type": "deposit",
-                "address": address,
-                "tag": None,
-                "amount": amount,
-                "txid": txid or f"{tx_id:064x}",
-                "confirmations": str(confirmations),
-                "riskscore": "0.1",
-            }
-        ],
-        "status": status,
-        "compliance": compliance,
-    }
-    if observed_at is not None:
-        body["observed_at"] = observed_at
-    return body
+    """A §8 processing callback body for one transaction (what `coinvoice simulate` sends)."""
+    return deposit_body(
+        tx_id=tx_id,
+        currency=currency,
+        address=address,
+        amount=amount,
+        txid=txid or f"{tx_id:064x}",
+        status=status,
+        confirmations=confirmations,
+        compliance=compliance,
+        observed_at=observed_at,
+    )
 
 
 async def processing_post(client: TestClient[Any, Any], payload: object) -> tuple[int, Any]:
