@@ -8,6 +8,7 @@ from aiohttp import web
 
 from receiver import appkeys
 from receiver.accesslog import AccessLogger
+from receiver.enqueuer import Enqueuer
 from receiver.errors import error_middleware
 from receiver.health import LIFECYCLE, Lifecycle, mark_shutting_down
 from receiver.metrics import METRICS, Metrics, metrics_middleware
@@ -30,6 +31,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[appkeys.RATES] = service.rates
     app[appkeys.MERCHANTS] = MerchantStore(redis)
     app[appkeys.SERVICE] = service
+    app[appkeys.ENQUEUER] = Enqueuer(redis)
     if settings.uses_demo_processing_secret:
         log.warning("demo_processing_secret", hint="set COINVOICE_PROCESSING_SECRET in production")
     yield

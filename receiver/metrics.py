@@ -23,6 +23,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 
 
 class Metrics:
     def __init__(self) -> None:
+        # The labelled children, so a request does not look them up under a lock.
+        self._counted: dict[tuple[str, str], Counter] = {}
+        self._timed: dict[str, Histogram] = {}
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "coinvoice_http_requests_total",
@@ -44,6 +47,18 @@ class Metrics:
             registry=self.registry,
         )
 
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        """Count one request and its latency."""
+        key = (route, str(status))
+        counter = self._counted.get(key)
+        if counter is None:
+            counter = self._counted[key] = self.requests.labels(*key)
+        timer = self._timed.get(route)
+        if timer is None:
+            timer = self._timed[route] = self.latency.labels(route)
+        counter.inc()
+        timer.observe(seconds)
+
 
 METRICS = web.AppKey("metrics", Metrics)
 
@@ -62,10 +77,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = response.status
         return response
     finally:
-        metrics = request.app[METRICS]
-        route = _route(request)
-        metrics.requests.labels(route, str(status)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        request.app[METRICS].observe(_route(request), status, time.perf_counter() - started)
 
 
 async def serve(request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ signature or body is refused and nothing is queued.
 
 from __future__ import annotations
 
+import functools
 import time
 from decimal import Decimal
 from typing import Annotated, Literal
@@ -22,7 +23,6 @@ from receiver.schemas import Amount, Body, CurrencyCode
 from worker.addresses import canonical_address
 from worker.codec import dump_update
 from worker.events import TransactionUpdate
-from worker.ingest import enqueue
 from worker.models import Compliance, TxStatus
 from worker.signing import verify
 
@@ -72,6 +72,12 @@ class ProcessingCallback(Body):
         return self
 
 
+# Canonical spellings remembered: each deposit address is reported several times
+# (mempool, confirmations, confirmed) and checking a checksum costs ~80 µs.
+SPELLING_CACHE_SIZE = 65_536
+
+
+@functools.lru_cache(maxsize=SPELLING_CACHE_SIZE)
 def _spelling(currency: str, address: str) -> str:
     """The stored spelling of an address; one that does not parse stays as sent (an orphan)."""
     try:
@@ -108,5 +114,5 @@ async def receive(request: web.Request) -> web.Response:
         raise bad_signature()
     callback = validate(ProcessingCallback, parse_json(request, body))
     updates = updates_of(callback, int(time.time()))
-    ids = await enqueue(request.app[appkeys.REDIS], [dump_update(u) for u in updates])
+    ids = await request.app[appkeys.ENQUEUER].enqueue([dump_update(u) for u in updates])
     return data({"queued": len(ids), "ids": ids})

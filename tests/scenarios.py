@@ -21,12 +21,12 @@ import redis.asyncio as aioredis
 
 from receiver.simulate import deposit_body
 from worker import keys, machine
-from worker.codec import load_invoice
 from worker.effects import LedgerEntry
 from worker.events import TransactionUpdate
 from worker.models import Compliance, Invoice, Merchant, PaymentType, TxStatus
 from worker.money import fmt8
 from worker.service import InvoiceRequest, InvoiceService
+from worker.store import decode_stored, parse_ledger_line
 
 KINDS = ("full", "underpaid", "flagged", "overpaid", "instalments")
 
@@ -165,8 +165,7 @@ async def mismatches(redis: aioredis.Redis, merchant: Merchant, expected: Expect
     """Every difference between Redis and the reference (empty when all is right)."""
     problems: list[str] = []
     for invoice_id, want in expected.invoices.items():
-        raw = await redis.hget(keys.invoice(invoice_id), "d")
-        got = load_invoice(raw)
+        got = decode_stored(await redis.get(keys.invoice(invoice_id))).invoice
         if replace(got, sequence=0) != replace(want, sequence=0):
             problems.append(f"invoice {invoice_id}: got {got} want {want}")
         mails = {k.decode() for k in await redis.hkeys(keys.mails(invoice_id))}
@@ -179,8 +178,8 @@ async def mismatches(redis: aioredis.Redis, merchant: Merchant, expected: Expect
             problems.append(
                 f"invoice {invoice_id}: outbox at sequence {seq}, invoice at {got.sequence}"
             )
-    rows = [json.loads(r) for r in await redis.lrange(keys.ledger(merchant.key), 0, -1)]
-    ledger = Counter((r["invoice_id"], r["kind"], r["amount"]) for r in rows)
+    rows = map(parse_ledger_line, await redis.lrange(keys.ledger(merchant.key), 0, -1))
+    ledger = Counter((r.invoice_id, r.kind, fmt8(r.amount)) for r in rows)
     if ledger != expected.ledger:
         problems.append(
             f"ledger differs: extra {ledger - expected.ledger}, missing {expected.ledger - ledger}"

@@ -23,11 +23,11 @@ from tests.support import (
     signed_headers,
 )
 from worker import keys
-from worker.codec import load_invoice
 from worker.ingest import Ingest, ensure_group
 from worker.models import Merchant
 from worker.service import InvoiceService
 from worker.signing import sign
+from worker.store import decode_stored, parse_ledger_line
 
 Client = TestClient[Any, Any]
 NOW = 1_800_000_000  # a fixed "now" for observed_at values well in the future
@@ -217,10 +217,10 @@ async def test_full_payment_confirms_and_credits(
     assert data["sequence"] == 2
     _, balances = await merchant_post(client, merchant, "/api/v2/accounts/list", {})
     assert balances == {"data": [{"currency": "EUR", "balance": "105.68250000"}]}
-    ledger = [json.loads(e) for e in await redis.lrange(keys.ledger(merchant.key), 0, -1)]
-    assert [(e["kind"], e["amount"]) for e in ledger] == [
-        ("credit", "106.75000000"),
-        ("fee_crypto_deposit", "-1.06750000"),
+    ledger = [parse_ledger_line(e) for e in await redis.lrange(keys.ledger(merchant.key), 0, -1)]
+    assert [(e.invoice_id, e.kind, e.currency, e.amount) for e in ledger] == [
+        (invoice["id"], "credit", "EUR", Decimal("106.75")),
+        (invoice["id"], "fee_crypto_deposit", "EUR", Decimal("-1.0675")),
     ]
     assert int(await redis.hget(keys.delivery(invoice["id"]), "seq")) == 2
 
@@ -246,7 +246,7 @@ async def test_redelivered_updates_change_nothing(
         await send(client, update)
     await drain(ingest)
     before = (
-        await redis.hget(keys.invoice(invoice["id"]), "d"),
+        await redis.get(keys.invoice(invoice["id"])),
         await redis.hgetall(keys.balance(merchant.key)),
         await redis.llen(keys.ledger(merchant.key)),
         await redis.hgetall(keys.delivery(invoice["id"])),
@@ -255,7 +255,7 @@ async def test_redelivered_updates_change_nothing(
         await send(client, update)
     await drain(ingest)
     after = (
-        await redis.hget(keys.invoice(invoice["id"]), "d"),
+        await redis.get(keys.invoice(invoice["id"])),
         await redis.hgetall(keys.balance(merchant.key)),
         await redis.llen(keys.ledger(merchant.key)),
         await redis.hgetall(keys.delivery(invoice["id"])),
@@ -480,8 +480,8 @@ async def test_many_invoices_in_one_batch(
         )
     assert await drain(ingest) == 60
     for inv in invoices:
-        stored = load_invoice(await redis.hget(keys.invoice(inv["id"]), "d"))
-        assert stored.status.value == "confirmed"
+        stored = decode_stored(await redis.get(keys.invoice(inv["id"])))
+        assert stored.invoice.status.value == "confirmed"
     balances = await redis.hgetall(keys.balance(merchant.key))
     assert Decimal(balances[b"EUR"].decode()) == 30 * (Decimal("106.75") - Decimal("1.0675"))
 

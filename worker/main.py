@@ -46,6 +46,11 @@ HEARTBEAT_STALE_SECONDS = 10
 STATS_EVERY_SECONDS = 10.0
 # arq job names are global per Redis; ours carry a prefix.
 QUEUE_NAME = "cv:arq"
+# Errors arq's connections retry with backoff. OSError is a refused connection while
+# Redis restarts: redis-py raises it from connect() when a pooled connection is
+# re-opened on checkout, outside the per-command retry (bench/faults/redis_restart.py
+# saw workers exit on it).
+ARQ_RETRY_ON = [ConnectionError, TimeoutError, OSError]
 
 
 class Context(TypedDict, total=False):
@@ -167,15 +172,31 @@ def arq_redis_settings(url: str) -> RedisSettings:
     return replace(
         base,
         retry_on_timeout=True,
-        retry_on_error=[ConnectionError, TimeoutError],
+        retry_on_error=ARQ_RETRY_ON,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=REDIS_RETRIES),
         conn_retries=REDIS_RETRIES,
     )
 
 
+class ResilientWorker(Worker):
+    """arq's Worker, but a Redis error in one poll does not end the process.
+
+    arq polls its queue and runs cron jobs every `poll_delay`; an error there
+    (Redis restarting: a pooled connection re-opened on checkout, outside
+    redis-py's per-command retry) would end `Worker.main` and with it the
+    process and its loops. Here it is logged and the next poll tries again.
+    """
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as exc:
+            log.warning("arq_poll_redis_error", error=repr(exc))
+
+
 def build_worker(settings: Settings) -> Worker:
     """An arq Worker for these settings (`coinvoice worker`)."""
-    return Worker(
+    return ResilientWorker(
         functions=[],
         cron_jobs=[
             cron(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import socket
 import subprocess
@@ -18,11 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests import processes
+from worker.logs import configure_logging
 from worker.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 # How long a helper process may take to listen (seconds).
 START_TIMEOUT_SECONDS = 20.0
+
+
+def quiet_logging() -> None:
+    """Only errors from the bench process itself, on stderr: stdout carries the JSON result."""
+    configure_logging("json", "error")
 
 
 @contextlib.contextmanager
@@ -118,9 +125,9 @@ class SinkProcess:
     def start(self) -> SinkProcess:
         self.process = python_module(
             "sink_server",
-            "--port", str(self.port),
-            "--out", str(self.records),
-            "--secret", self.secret,
+            f"--port={self.port}",
+            f"--out={self.records}",
+            f"--secret={self.secret}",  # one argument: a secret may start with "-"
             log=self.log,
         )  # fmt: skip
         wait_listening(self.port, self.process)
@@ -132,8 +139,6 @@ class SinkProcess:
 
     def received(self) -> list[dict[str, object]]:
         """Every callback recorded so far, in arrival order."""
-        import json
-
         if not self.records.exists():
             return []
         lines = self.records.read_text().splitlines()

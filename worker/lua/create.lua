@@ -1,7 +1,7 @@
 -- Create an invoice, all or nothing. The foreign id is claimed with SET NX in
 -- the same atomic step, so two racing creates can never both succeed.
 --
--- KEYS[1] foreign-id key   KEYS[2] invoice hash   KEYS[3] token key
+-- KEYS[1] foreign-id key   KEYS[2] invoice key    KEYS[3] token key
 -- KEYS[4] timers zset      KEYS[5] address-owner key (= KEYS[2] when none)
 -- ARGV[1] invoice id       ARGV[2] invoice JSON   ARGV[3] timer fire time or ''
 -- ARGV[4] '1' when KEYS[5] is an address to own
@@ -13,7 +13,8 @@ end
 if ARGV[4] == '1' and not redis.call('SET', KEYS[5], ARGV[1], 'NX') then
   return redis.error_reply('address already owned: ' .. KEYS[5])
 end
-redis.call('HSET', KEYS[2], 'v', 1, 'd', ARGV[2])
+-- The invoice is one string, '{version}:{JSON}'; a new one is at version 1.
+redis.call('SET', KEYS[2], '1:' .. ARGV[2])
 redis.call('SET', KEYS[3], ARGV[1])
 if ARGV[3] ~= '' then
   redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])

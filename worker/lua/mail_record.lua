@@ -3,7 +3,7 @@
 -- an outcome is recorded once even when two workers raced on the mail (the
 -- loser re-reads and decides again); its due entry moves in the same step.
 --
--- KEYS[1] mails hash of the invoice   KEYS[2] mail-due zset   KEYS[3] invoice hash
+-- KEYS[1] mails hash of the invoice   KEYS[2] mail-due zset   KEYS[3] invoice key
 -- ARGV[1] cause (hash field)           ARGV[2] record as read  ARGV[3] new record
 -- ARGV[4] due member                   ARGV[5] next due time, '' to take it off the schedule
 -- ARGV[6] invoice version that must still hold, '' for no check (parking a mail for
@@ -13,7 +13,9 @@
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
   return 0
 end
-if ARGV[6] ~= '' and redis.call('HGET', KEYS[3], 'v') ~= ARGV[6] then
+-- The invoice is '{version}:{JSON}' (commit.lua): compare its version only.
+local head = redis.call('GETRANGE', KEYS[3], 0, 19)
+if ARGV[6] ~= '' and string.match(head, '^(%d+):') ~= ARGV[6] then
   return 0
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
