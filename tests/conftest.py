@@ -15,12 +15,15 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
+from receiver import appkeys
 from receiver.app import create_app
 from tests.support import make_settings
 from worker.config import Settings
+from worker.ingest import Ingest
 from worker.merchants import MerchantStore, make_merchant
 from worker.models import Merchant
 from worker.redis_server import RedisServer
+from worker.service import InvoiceService
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +53,18 @@ async def client(redis: aioredis.Redis, settings: Settings) -> AsyncIterator[Tes
     """The receiver app on a test server, on a flushed Redis."""
     async with TestClient(TestServer(create_app(settings))) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def service(client: TestClient[Any, Any]) -> InvoiceService:
+    """The receiver app's invoice service (same Redis, same settings)."""
+    return client.server.app[appkeys.SERVICE]
+
+
+@pytest.fixture
+def ingest(client: TestClient[Any, Any], service: InvoiceService) -> Ingest:
+    """A stream consumer in this process; tests apply queued updates with `support.drain`."""
+    return Ingest(client.server.app[appkeys.REDIS], service, consumer="test", reclaim_idle_ms=0)
 
 
 @pytest.fixture

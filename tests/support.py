@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -128,3 +129,20 @@ async def eventually(
     async with asyncio.timeout(seconds):
         while await probe() != expect:  # noqa: ASYNC110 - another process changes it
             await asyncio.sleep(every)
+
+
+class Clock:
+    """A clock a test moves forward instead of sleeping through retry delays and timers.
+
+    It starts `ahead` seconds past the wall clock, so what the test commits
+    (stamped with the wall clock) is already due for it.
+    """
+
+    def __init__(self, ahead: float = 5.0) -> None:
+        self.now = time.time() + ahead
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from receiver import appkeys
 from tests.sink import Behaviour, Sink, running_sink
 from tests.support import (
+    Clock,
     create_payload,
     deposit,
     drain,
@@ -38,32 +39,10 @@ Client = TestClient[Any, Any]
 SCHEDULE = (60, 300, 600)
 
 
-class Clock:
-    """A clock the test moves forward instead of sleeping through retry delays.
-
-    It starts a few seconds ahead of the wall clock, so snapshots the test
-    commits (stamped with the wall clock) are due for it.
-    """
-
-    def __init__(self) -> None:
-        self.now = time.time() + 5
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 async def sink() -> AsyncIterator[Sink]:
     async for running in running_sink():
         yield running
-
-
-@pytest.fixture
-def service(client: Client) -> InvoiceService:
-    return client.server.app[appkeys.SERVICE]
 
 
 @pytest.fixture

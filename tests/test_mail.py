@@ -29,8 +29,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 from structlog.testing import capture_logs
 
-from receiver import appkeys
 from tests.support import (
+    Clock,
     create_payload,
     deposit,
     drain,
@@ -127,32 +127,10 @@ def smtp() -> Iterator[SmtpServer]:
 # --------------------------------------------------------------------------- fixtures
 
 
-class Clock:
-    """A clock the test moves; starts days ahead so every timer-made mail is already due."""
-
-    def __init__(self) -> None:
-        self.now = time.time() + 3 * 86_400
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def service(client: Client) -> InvoiceService:
-    return client.server.app[appkeys.SERVICE]
-
-
-@pytest.fixture
-def ingest(client: Client, service: InvoiceService) -> Ingest:
-    return Ingest(client.server.app[appkeys.REDIS], service, consumer="test", reclaim_idle_ms=0)
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    """Days ahead, so every mail a timer made is already due."""
+    return Clock(ahead=3 * 86_400)
 
 
 MailerFactory = Callable[..., Mailer]

@@ -33,16 +33,6 @@ Client = TestClient[Any, Any]
 NOW = 1_800_000_000  # a fixed "now" for observed_at values well in the future
 
 
-@pytest.fixture
-def service(client: Client) -> InvoiceService:
-    return client.server.app[appkeys.SERVICE]
-
-
-@pytest.fixture
-def ingest(client: Client, service: InvoiceService) -> Ingest:
-    return Ingest(client.server.app[appkeys.REDIS], service, consumer="test", reclaim_idle_ms=0)
-
-
 async def new_invoice(
     client: Client, merchant: Merchant, foreign_id: str, **fields: Any
 ) -> dict[str, Any]:
