@@ -16,16 +16,21 @@ from aiohttp.abc import AbstractAccessLogger
 QUIET_PREFIXES = ("/health/", "/metrics")
 
 
+def route_pattern(request: web.BaseRequest) -> str:
+    """The matched route's pattern (`/invoice/{token}`), never the path with its token."""
+    resource = request.match_info.route.resource if isinstance(request, web.Request) else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         if request.path.startswith(QUIET_PREFIXES):
             return
-        resource = request.match_info.route.resource if isinstance(request, web.Request) else None
         self.logger.info(
             "http_request",
             extra={
                 "method": request.method,
-                "route": resource.canonical if resource is not None else "unmatched",
+                "route": route_pattern(request),
                 "status": response.status,
                 "duration_ms": round(time * 1000, 2),
             },

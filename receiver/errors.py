@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from receiver.accesslog import route_pattern
 from worker.addresses import NoAddressAvailable
 from worker.logs import get_logger
 from worker.machine import DomainError, InvalidChoice
@@ -119,11 +120,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         mapped = _from_exception(exc)
         if mapped is not None:
             return json_error(mapped)
-        # The route pattern, not the path: a public path carries the invoice's secret token.
-        route = request.match_info.route.resource
-        log.exception(
-            "request_failed", route=route.canonical if route else "unmatched", method=request.method
-        )
+        log.exception("request_failed", route=route_pattern(request), method=request.method)
         return json_error(
             ApiError(500, {"error": "Internal server error", "code": "internal_error"})
         )

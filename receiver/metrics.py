@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from receiver import appkeys
+from receiver.accesslog import route_pattern
 from worker import keys
 
 # Request latency buckets in seconds: the p99 goals live between 1 ms and 100 ms.
@@ -63,11 +64,6 @@ class Metrics:
 METRICS = web.AppKey("metrics", Metrics)
 
 
-def _route(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
-
-
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
@@ -77,7 +73,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = response.status
         return response
     finally:
-        request.app[METRICS].observe(_route(request), status, time.perf_counter() - started)
+        request.app[METRICS].observe(route_pattern(request), status, time.perf_counter() - started)
 
 
 async def serve(request: web.Request) -> web.Response:

@@ -36,6 +36,7 @@ from markupsafe import Markup
 from pydantic import ValidationError
 
 from receiver import appkeys, views
+from receiver.accesslog import route_pattern
 from receiver.errors import ApiError
 from receiver.requests import describe_errors, public_rate_limit
 from receiver.schemas import ConfirmInvoice, RefundAddress
@@ -211,10 +212,7 @@ def html_errors(handler: Handler) -> Handler:
         except web.HTTPException:
             raise
         except Exception:
-            # The route's pattern, not the path: the token in the path opens the invoice.
-            route = request.match_info.route.resource
-            pattern = route.canonical if route is not None else "unmatched"
-            log.exception("page_failed", route=pattern, method=request.method)
+            log.exception("page_failed", route=route_pattern(request), method=request.method)
             return error_page(
                 request,
                 500,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -170,12 +170,23 @@ class InvoiceService:
         Raises `DomainError` when the invoice refuses the event and
         `InvoiceNotFound` when there is no such invoice.
         """
+
+        async def same(_: Invoice) -> Event:
+            return event
+
+        return await self._apply_with(invoice_id, same, type(event).__name__)
+
+    async def _apply_with(
+        self, invoice_id: int, event_for: Callable[[Invoice], Awaitable[Event]], cause: str
+    ) -> Transition:
+        """The compare-and-set loop: read, build the event for what was read, apply, commit."""
         for attempt in range(MAX_CAS_ATTEMPTS):
             stored = await self.store.get(invoice_id)
             if stored is None:
                 raise InvoiceNotFound(invoice_id)
+            event = await event_for(stored.invoice)
             transition = machine.apply(stored.invoice, event, self.policy)
-            if await self._commit(stored, transition, type(event).__name__):
+            if await self._commit(stored, transition, cause):
                 return transition
             await asyncio.sleep(min(0.001 * attempt, 0.05))
         raise ConcurrentModification(invoice_id)
@@ -215,9 +226,9 @@ class InvoiceService:
     async def confirm(self, token: str, sender_currency: str | None, email: str | None) -> Invoice:
         """The customer's confirm (spec §7): fix rate and address where the type needs it."""
         address: DepositAddress | None = None
-        for attempt in range(MAX_CAS_ATTEMPTS):
-            stored = await self.by_token(token)
-            invoice = stored.invoice
+
+        async def confirmation(invoice: Invoice) -> Event:
+            nonlocal address
             currency = sender_currency or invoice.sender_currency
             event_quote = None
             if invoice.address is None and currency is not None and not invoice.status.is_final:
@@ -231,16 +242,15 @@ class InvoiceService:
                     # Allocated once and reused across CAS retries; an address
                     # left unused by a lost race is simply never handed out again.
                     address = await self.addresses.allocate(currency)
-            event = CustomerConfirm(self.now(), sender_currency, email, event_quote, address)
-            transition = machine.apply(invoice, event, self.policy)
-            if await self._commit(stored, transition, "CustomerConfirm"):
-                if transition.invoice.email:
-                    # Mails parked for want of an address can go now (spec §10). Cheap
-                    # and idempotent, so a repeated confirm heals a release a crash lost.
-                    await release_waiting(self.store.redis, invoice.id)
-                return transition.invoice
-            await asyncio.sleep(min(0.001 * attempt, 0.05))
-        raise ConcurrentModification(token)
+            return CustomerConfirm(self.now(), sender_currency, email, event_quote, address)
+
+        stored = await self.by_token(token)
+        transition = await self._apply_with(stored.invoice.id, confirmation, "CustomerConfirm")
+        if transition.invoice.email:
+            # Mails parked for want of an address can go now (spec §10). Cheap and
+            # idempotent, so a repeated confirm heals a release a crash lost.
+            await release_waiting(self.store.redis, stored.invoice.id)
+        return transition.invoice
 
     def _quote(self, invoice: Invoice, currency: str) -> Quote:
         if currency not in crypto_codes(self.rates):
