@@ -31,9 +31,10 @@ up: venv ## run Redis, a receiver, a worker and a demo merchant (Ctrl-C stops al
 test: venv ## run the test suite (starts its own Redis)
 	$(BIN)/pytest
 
-lint: venv ## ruff: lint and format check
+lint: venv ## ruff (lint, format) and the import contracts between layers
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: venv ## mypy --strict on receiver/ and worker/
 	$(BIN)/mypy

@@ -34,13 +34,13 @@ from bench.harness import fill, loadgen, machine, stack
 from bench.harness.stats import summary_ms
 from tests.scenarios import body
 from tests.support import PROCESSING_KEY, PROCESSING_SECRET, make_settings
-from worker import machine as state_machine
-from worker.events import TransactionUpdate
-from worker.merchants import MerchantStore, make_merchant
-from worker.models import Invoice
-from worker.redis_server import free_port
-from worker.runtime import invoice_service
-from worker.signing import sign
+from worker.app.runtime import invoice_service
+from worker.domain import machine as state_machine
+from worker.domain.events import TransactionUpdate
+from worker.domain.models import Invoice
+from worker.domain.signing import sign
+from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.redis_server import free_port
 
 RATE_PER_S = 500
 SECONDS = 20

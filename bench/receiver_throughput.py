@@ -6,7 +6,7 @@ Two servers, each a process of its own, measured one after the other in
 the same run, twice (bare, receiver, bare, receiver) so that a noisy moment
 of the shared machine shows as a spread instead of a wrong ratio:
 
-* the coinvoice receiver (`python -m receiver.cli receiver`, warning-level
+* the coinvoice receiver (`python -m receiver.commands.cli receiver`, warning-level
   logs) on its own Redis (AOF, appendfsync always): it checks the HMAC,
   validates, canonicalizes the address and XADDs the update before its 200;
 * a bare aiohttp handler on the same route that only reads and parses the JSON.
@@ -38,10 +38,10 @@ from bench.harness import fill, loadgen, machine, stack
 from bench.harness.machine import cpu_seconds
 from tests.scenarios import body
 from tests.support import PROCESSING_KEY, PROCESSING_SECRET
-from worker.events import TransactionUpdate
-from worker.models import Compliance, TxStatus
-from worker.redis_server import free_port
-from worker.signing import sign
+from worker.domain.events import TransactionUpdate
+from worker.domain.models import Compliance, TxStatus
+from worker.domain.signing import sign
+from worker.store.redis_server import free_port
 
 PATH = "/api/v2/processing/callbacks"
 BODIES = 1_000

@@ -46,18 +46,18 @@ import redis.asyncio as aioredis
 from bench.harness import bulk, fill, machine, stack
 from bench.harness.stats import summary_ms
 from tests.support import make_settings
-from worker import keys, scripts
-from worker import machine as state_machine
-from worker.codec import dump_update
-from worker.delivery import Outcome, record_call
-from worker.events import TransactionUpdate
-from worker.ingest import Ingest, ensure_group
-from worker.machine import Transition
-from worker.merchants import MerchantStore, make_merchant
-from worker.models import DepositAddress, Invoice, Merchant, PaymentType
-from worker.runtime import invoice_service
-from worker.service import InvoiceService
-from worker.store import Stored
+from worker.app.runtime import invoice_service
+from worker.domain import machine as state_machine
+from worker.domain.events import TransactionUpdate
+from worker.domain.machine import Transition
+from worker.domain.models import DepositAddress, Invoice, Merchant, PaymentType
+from worker.ingest.consumer import Ingest, ensure_group
+from worker.services.invoices import InvoiceService
+from worker.store import keys, scripts
+from worker.store.codec import dump_update
+from worker.store.deliveries import Outcome, record_call
+from worker.store.invoices import Stored
+from worker.store.merchants import MerchantStore, make_merchant
 
 MEMORY_INVOICES = 100_000
 SIZES = (1_000, 10_000, 100_000, 1_000_000)

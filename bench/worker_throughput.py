@@ -33,13 +33,14 @@ import redis.asyncio as aioredis
 from bench.harness import fill, machine, stack
 from bench.harness.machine import cpu_seconds
 from tests.support import make_settings
-from worker import keys
-from worker.codec import dump_update
-from worker.ingest import enqueue, ensure_group
-from worker.merchants import MerchantStore, make_merchant
-from worker.models import Merchant
-from worker.redis_server import free_port
-from worker.runtime import invoice_service
+from worker.app.runtime import invoice_service
+from worker.domain.models import Merchant
+from worker.ingest.consumer import ensure_group
+from worker.ingest.enqueue import enqueue
+from worker.store import keys
+from worker.store.codec import dump_update
+from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.redis_server import free_port
 
 INVOICES = 12_000
 UPDATES_PER_INVOICE = 3  # 36,000 updates per run

@@ -8,16 +8,16 @@ from aiohttp import web
 
 from receiver import appkeys
 from receiver.accesslog import AccessLogger
-from receiver.enqueuer import Enqueuer
-from receiver.errors import error_middleware
+from receiver.api.errors import error_middleware
 from receiver.health import LIFECYCLE, Lifecycle, mark_shutting_down
 from receiver.metrics import METRICS, Metrics, metrics_middleware
 from receiver.routes import setup_routes
-from worker.aioredis import connect
+from worker.app.runtime import invoice_service, redis_url
 from worker.config import MAX_BODY_BYTES, Settings
+from worker.ingest.enqueue import Enqueuer
 from worker.logs import configure_logging, get_logger
-from worker.merchants import MerchantStore
-from worker.runtime import invoice_service, redis_url
+from worker.store.connection import connect
+from worker.store.merchants import MerchantStore
 
 log = get_logger(__name__)
 

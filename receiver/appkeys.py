@@ -5,11 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 from redis.asyncio import Redis
 
-from receiver.enqueuer import Enqueuer
 from worker.config import Settings
-from worker.currencies import FileRateProvider
-from worker.merchants import MerchantStore
-from worker.service import InvoiceService
+from worker.domain.currencies import FileRateProvider
+from worker.ingest.enqueue import Enqueuer
+from worker.services.invoices import InvoiceService
+from worker.store.merchants import MerchantStore
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)

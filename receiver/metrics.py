@@ -16,7 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from receiver import appkeys
 from receiver.accesslog import route_pattern
-from worker import keys
+from worker.services import operations
 
 # Request latency buckets in seconds: the p99 goals live between 1 ms and 100 ms.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -79,17 +79,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 async def serve(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     redis = request.app[appkeys.REDIS]
-    now = int(time.time())
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xlen(keys.UPDATES)
-        pipe.zcount(keys.DELIVERY_DUE, "-inf", now)
-        pipe.zcount(keys.TIMERS, "-inf", now)
-        pipe.zcount(keys.MAIL_DUE, "-inf", now)
-        updates, deliveries, timers, mails = await pipe.execute()
-    metrics.backlog.labels("updates").set(updates)
-    metrics.backlog.labels("callbacks_due").set(deliveries)
-    metrics.backlog.labels("timers_due").set(timers)
-    metrics.backlog.labels("mails_due").set(mails)
+    for name, value in (await operations.backlog(redis, int(time.time()))).items():
+        metrics.backlog.labels(name).set(value)
     return web.Response(
         body=generate_latest(metrics.registry),
         headers={"Content-Type": CONTENT_TYPE_LATEST},

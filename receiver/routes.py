@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from receiver import health, merchant_api, metrics, openapi, pages, processing_api, public_api
+from receiver import health, metrics
+from receiver.api import merchant as merchant_api
+from receiver.api import openapi
+from receiver.api import processing as processing_api
+from receiver.api import public as public_api
+from receiver.pages import handlers as pages
 
 
 def setup_routes(app: web.Application) -> None:

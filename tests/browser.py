@@ -24,14 +24,14 @@ from playwright.async_api import Page
 
 from receiver import appkeys
 from receiver.app import create_app
-from receiver.pages import POLL_MS
+from receiver.pages.handlers import POLL_MS
 from tests.support import PROCESSING_KEY, PROCESSING_SECRET, make_settings, signed_headers
-from worker import keys
-from worker.ingest import Ingest
-from worker.merchants import MerchantStore, make_merchant
-from worker.models import Merchant
-from worker.redis_server import free_port
-from worker.service import InvoiceService
+from worker.domain.models import Merchant
+from worker.ingest.consumer import Ingest
+from worker.services.invoices import InvoiceService
+from worker.store import keys
+from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.redis_server import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]

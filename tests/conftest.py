@@ -19,11 +19,11 @@ from receiver import appkeys
 from receiver.app import create_app
 from tests.support import make_settings
 from worker.config import Settings
-from worker.ingest import Ingest
-from worker.merchants import MerchantStore, make_merchant
-from worker.models import Merchant
-from worker.redis_server import RedisServer
-from worker.service import InvoiceService
+from worker.domain.models import Merchant
+from worker.ingest.consumer import Ingest
+from worker.services.invoices import InvoiceService
+from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from decimal import Decimal
 
-from worker.effects import Callback, Effect, Email, LedgerEntry
-from worker.events import CustomerConfirm, Event, TransactionUpdate
-from worker.machine import NewInvoice, Policy, apply, create
-from worker.models import (
+from worker.domain.effects import Callback, Effect, Email, LedgerEntry
+from worker.domain.events import CustomerConfirm, Event, TransactionUpdate
+from worker.domain.machine import NewInvoice, Policy, apply, create
+from worker.domain.models import (
     Compliance,
     DepositAddress,
     Invoice,

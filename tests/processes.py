@@ -1,6 +1,6 @@
 """Real coinvoice processes for the concurrency and crash tests.
 
-Receivers and workers run as `python -m receiver.cli …` children against the
+Receivers and workers run as `python -m receiver.commands.cli …` children against the
 test session's Redis; the helpers start them, wait for them, kill them
 (-9 means a crash, not a shutdown) and wait until the system has applied
 everything that was accepted.
@@ -23,9 +23,9 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from tests.support import PROCESSING_KEY, PROCESSING_SECRET
-from worker import keys
-from worker.redis_server import free_port
-from worker.signing import sign
+from worker.domain.signing import sign
+from worker.store import keys
+from worker.store.redis_server import free_port
 
 # How long a child may take to become ready (seconds).
 START_TIMEOUT_SECONDS = 20.0
@@ -64,7 +64,7 @@ class Child:
     def start(self) -> Child:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "receiver.cli", *self.args],
+            [sys.executable, "-m", "receiver.commands.cli", *self.args],
             env=self.env,
             stdout=log,
             stderr=log,
@@ -197,7 +197,7 @@ async def ingest_stats(redis: aioredis.Redis) -> dict[str, int]:
 
 
 def consumer_name(child: Child) -> str:
-    """The stream consumer name a worker process uses (worker/main.py `worker_name`)."""
+    """The stream consumer name a worker process uses (worker/app/main.py `worker_name`)."""
     return f"{socket.gethostname()}:{child.pid}"
 
 

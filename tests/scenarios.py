@@ -19,14 +19,15 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from receiver.simulate import deposit_body
-from worker import keys, machine
-from worker.effects import LedgerEntry
-from worker.events import TransactionUpdate
-from worker.models import Compliance, Invoice, Merchant, PaymentType, TxStatus
-from worker.money import fmt8
-from worker.service import InvoiceRequest, InvoiceService
-from worker.store import decode_stored, parse_ledger_line
+from receiver.commands.simulate import deposit_body
+from worker.domain import machine
+from worker.domain.effects import LedgerEntry
+from worker.domain.events import TransactionUpdate
+from worker.domain.models import Compliance, Invoice, Merchant, PaymentType, TxStatus
+from worker.domain.money import fmt8
+from worker.services.invoices import InvoiceRequest, InvoiceService
+from worker.store import keys
+from worker.store.invoices import decode_stored, parse_ledger_line
 
 KINDS = ("full", "underpaid", "flagged", "overpaid", "instalments")
 

@@ -10,12 +10,12 @@ from typing import Any, TypeVar
 
 from aiohttp.test_utils import TestClient
 
-from receiver.simulate import deposit_body
-from worker import keys
+from receiver.commands.simulate import deposit_body
 from worker.config import Settings
-from worker.ingest import Ingest, ensure_group
-from worker.models import Merchant
-from worker.signing import sign
+from worker.domain.models import Merchant
+from worker.domain.signing import sign
+from worker.ingest.consumer import Ingest, ensure_group
+from worker.store import keys
 
 T = TypeVar("T")
 

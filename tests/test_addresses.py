@@ -31,21 +31,20 @@ from bip_utils import (
     SegwitBech32Encoder,
 )
 
-from worker import keys
-from worker.addresses import (
+from worker.domain.addresses import (
     HdAccount,
     NoAddressAvailable,
-    RedisAddressProvider,
     canonical_address,
     demo_key_currencies,
     demo_xpubs,
-    load_pool,
     payment_uri,
     read_pool_file,
     validate_address,
     xpubs_for,
 )
-from worker.redis_server import RedisServer
+from worker.store import keys
+from worker.store.addresses import RedisAddressProvider, load_pool
+from worker.store.redis_server import RedisServer
 
 MNEMONIC = "abandon " * 11 + "about"
 CURRENCIES = ("BTC", "LTC", "BCH", "ETH", "USDTT")

@@ -14,21 +14,21 @@ import redis.asyncio as aioredis
 
 from tests import processes
 from tests.support import deposit, drain
-from worker import keys
+from worker.app.runtime import invoice_service
 from worker.config import Settings
-from worker.ingest import Ingest
-from worker.merchants import MerchantStore
-from worker.models import Merchant
-from worker.redis_server import RedisServer
-from worker.runtime import invoice_service
-from worker.service import InvoiceRequest
+from worker.domain.models import Merchant
+from worker.ingest.consumer import Ingest
+from worker.services.invoices import InvoiceRequest
+from worker.store import keys
+from worker.store.merchants import MerchantStore
+from worker.store.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
 
 def coinvoice(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "receiver.cli", *args],
+        [sys.executable, "-m", "receiver.commands.cli", *args],
         env=env,
         capture_output=True,
         text=True,

@@ -24,14 +24,15 @@ from tests import processes
 from tests.scenarios import body, create_plans, mismatches, reference
 from tests.sink import Behaviour, running_sink
 from tests.support import create_payload, signed_headers
-from worker import keys
+from worker.app.runtime import invoice_service
 from worker.config import Settings
-from worker.delivery import delivery_log
-from worker.ingest import enqueue, ensure_group
-from worker.merchants import MerchantStore, make_merchant
-from worker.models import Merchant
-from worker.redis_server import RedisServer
-from worker.runtime import invoice_service
+from worker.domain.models import Merchant
+from worker.ingest.consumer import ensure_group
+from worker.ingest.enqueue import enqueue
+from worker.store import keys
+from worker.store.deliveries import delivery_log
+from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -118,8 +119,8 @@ async def test_concurrent_workers_lose_no_update(
 
 def _normalized(payload: bytes) -> bytes:
     """What the receiver would enqueue for a processing callback body."""
-    from receiver.processing_api import ProcessingCallback, updates_of
-    from worker.codec import dump_update
+    from receiver.api.processing import ProcessingCallback, updates_of
+    from worker.store.codec import dump_update
 
     callback = ProcessingCallback.model_validate_json(payload)
     (update,) = updates_of(callback, 0)

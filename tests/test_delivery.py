@@ -26,14 +26,14 @@ from tests.support import (
     merchant_post,
     processing_post,
 )
-from worker import keys
-from worker.delivery import Deliverer, DestinationRefused, check_destination
-from worker.ingest import Ingest
-from worker.merchants import MerchantStore, make_merchant
-from worker.models import Merchant
-from worker.redis_server import RedisServer
-from worker.service import InvoiceService
-from worker.signing import verify
+from worker.domain.models import Merchant
+from worker.domain.signing import verify
+from worker.ingest.consumer import Ingest
+from worker.outbox.delivery import Deliverer, DestinationRefused, check_destination
+from worker.services.invoices import InvoiceService
+from worker.store import keys
+from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.redis_server import RedisServer
 
 Client = TestClient[Any, Any]
 SCHEDULE = (60, 300, 600)

@@ -17,24 +17,18 @@ from hypothesis import strategies as st
 from tests.machine_factories import make_invoice, run, update
 from tests.sink import Sink, running_sink
 from tests.support import make_settings
-from worker import keys
-from worker.batching import GroupCommit
-from worker.codec import _INVOICE, dump_invoice, load_invoice
-from worker.delivery import (
-    PER_MERCHANT_IN_FLIGHT,
-    Deliverer,
-    Outcome,
-    delivery_log,
-    log_entry,
-    parse_log_entry,
-)
-from worker.effects import LedgerEntry, LedgerKind
-from worker.merchants import MerchantStore, make_merchant
-from worker.models import Compliance, Invoice, PaymentType, TxStatus
-from worker.redis_server import RedisServer
-from worker.runtime import invoice_service
-from worker.service import InvoiceRequest
-from worker.store import LedgerLine, decode_stored, ledger_line, parse_ledger_line
+from worker.app.runtime import invoice_service
+from worker.domain.effects import LedgerEntry, LedgerKind
+from worker.domain.models import Compliance, Invoice, PaymentType, TxStatus
+from worker.outbox.delivery import PER_MERCHANT_IN_FLIGHT, Deliverer
+from worker.services.invoices import InvoiceRequest
+from worker.store import keys
+from worker.store.batching import GroupCommit
+from worker.store.codec import _INVOICE, dump_invoice, load_invoice
+from worker.store.deliveries import Outcome, delivery_log, log_entry, parse_log_entry
+from worker.store.invoices import LedgerLine, decode_stored, ledger_line, parse_ledger_line
+from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.redis_server import RedisServer
 
 HALF = Decimal("0.00900000")
 

@@ -12,12 +12,13 @@ from hypothesis import strategies as st
 
 from tests.scenarios import KINDS, create_plans, mismatches, reference
 from tests.support import make_settings
-from worker import keys
-from worker.codec import dump_update
-from worker.ingest import Ingest, enqueue, ensure_group
-from worker.merchants import MerchantStore, make_merchant
-from worker.redis_server import RedisServer
-from worker.runtime import invoice_service
+from worker.app.runtime import invoice_service
+from worker.ingest.consumer import Ingest, ensure_group
+from worker.ingest.enqueue import enqueue
+from worker.store import keys
+from worker.store.codec import dump_update
+from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.redis_server import RedisServer
 
 
 async def _run(

@@ -16,7 +16,7 @@ import pytest
 import structlog
 
 from worker.logs import REDACTED_KEYS, redact
-from worker.redis_server import RedisServer, free_port
+from worker.store.redis_server import RedisServer, free_port
 
 # A cold receiver imports aiohttp, pydantic and bip-utils before it listens (seconds).
 START_TIMEOUT_SECONDS = 30.0
@@ -56,7 +56,13 @@ async def test_receiver_writes_only_json_lines(redis_server: RedisServer, tmp_pa
     out, err = tmp_path / "receiver.out", tmp_path / "receiver.err"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "receiver.cli", "receiver", env=env, stdout=stdout, stderr=stderr
+            sys.executable,
+            "-m",
+            "receiver.commands.cli",
+            "receiver",
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
         )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -36,15 +36,15 @@ from tests.machine_factories import (
     tx_of,
     update,
 )
-from worker.effects import Callback, Effect, Email, LedgerEntry, LedgerKind
-from worker.events import (
+from worker.domain.effects import Callback, Effect, Email, LedgerEntry, LedgerKind
+from worker.domain.events import (
     CustomerConfirm,
     Event,
     MerchantCancel,
     RefundAddressSet,
     TimerFired,
 )
-from worker.machine import (
+from worker.domain.machine import (
     CANCELLED,
     FLAGGED,
     NOT_PAID,
@@ -64,7 +64,7 @@ from worker.machine import (
     remaining_amount,
     seen_sum,
 )
-from worker.models import (
+from worker.domain.models import (
     Compliance,
     EmailKind,
     Invoice,

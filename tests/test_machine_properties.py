@@ -43,8 +43,8 @@ from tests.machine_factories import (
     make_invoice,
     quote_for,
 )
-from worker.effects import Effect, Email, LedgerEntry, LedgerKind
-from worker.events import (
+from worker.domain.effects import Effect, Email, LedgerEntry, LedgerKind
+from worker.domain.events import (
     CustomerConfirm,
     Event,
     MerchantCancel,
@@ -52,9 +52,9 @@ from worker.events import (
     TimerFired,
     TransactionUpdate,
 )
-from worker.machine import DomainError, InvalidState, Transition, apply, visible
-from worker.models import Compliance, Invoice, PaymentType, Status, TxStatus
-from worker.money import half_up8
+from worker.domain.machine import DomainError, InvalidState, Transition, apply, visible
+from worker.domain.models import Compliance, Invoice, PaymentType, Status, TxStatus
+from worker.domain.money import half_up8
 
 SEARCH = os.environ.get("COINVOICE_HYPOTHESIS_EXAMPLES")
 PROFILE = settings(

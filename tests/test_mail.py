@@ -38,21 +38,20 @@ from tests.support import (
     merchant_post,
     processing_post,
 )
-from worker import keys
-from worker.ingest import Ingest
-from worker.mail import (
+from worker.domain.models import Merchant
+from worker.ingest.consumer import Ingest
+from worker.mail.loop import (
     BACKOFF_CAP_SECONDS,
     LEASE_SECONDS,
     Mailer,
-    release_waiting,
     run_mail_loop,
     send_due,
 )
-from worker.mail_records import MailState, load_record
-from worker.mail_transport import PermanentMailError, parse_smtp_url, recipient_address
-from worker.models import Merchant
-from worker.redis_server import RedisServer, free_port
-from worker.service import InvoiceService
+from worker.mail.transport import PermanentMailError, parse_smtp_url, recipient_address
+from worker.services.invoices import InvoiceService
+from worker.store import keys
+from worker.store.mails import MailState, load_record, release_waiting
+from worker.store.redis_server import RedisServer, free_port
 
 Client = TestClient[Any, Any]
 CUSTOMER = "buyer@example.test"

@@ -12,11 +12,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from receiver.app import create_app
 from tests.support import create_payload, make_settings, merchant_post, signed_headers
-from worker import keys
-from worker.merchants import MerchantStore, make_merchant
-from worker.models import Merchant
-from worker.redis_server import RedisServer
-from worker.signing import sign, verify
+from worker.domain.models import Merchant
+from worker.domain.signing import sign, verify
+from worker.store import keys
+from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.redis_server import RedisServer
 
 Client = TestClient[Any, Any]
 

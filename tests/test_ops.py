@@ -12,12 +12,12 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
+from receiver.api.openapi import DOCS
 from receiver.app import create_app
-from receiver.openapi import DOCS
 from tests import processes
 from tests.support import eventually, make_settings, merchant_post
-from worker.models import Merchant
-from worker.redis_server import RedisServer, free_port
+from worker.domain.models import Merchant
+from worker.store.redis_server import RedisServer, free_port
 
 Client = TestClient[Any, Any]
 
@@ -111,7 +111,7 @@ async def test_processing_callbacks_are_never_rate_limited(
 
 def _check(env: dict[str, str]) -> int:
     return subprocess.run(
-        [sys.executable, "-m", "receiver.cli", "worker", "--check"],
+        [sys.executable, "-m", "receiver.commands.cli", "worker", "--check"],
         env=env,
         timeout=30,
         check=False,

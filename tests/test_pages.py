@@ -33,8 +33,8 @@ from tests.browser import (
     screenshot,
 )
 from tests.support import PROCESSING_SECRET, deposit, make_settings
-from worker.events import TimerFired
-from worker.redis_server import RedisServer
+from worker.domain.events import TimerFired
+from worker.store.redis_server import RedisServer
 
 # One receiver, one browser and one event loop for the module: launching
 # Chromium per test would cost more than the tests themselves.

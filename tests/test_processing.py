@@ -22,12 +22,12 @@ from tests.support import (
     processing_post,
     signed_headers,
 )
-from worker import keys
-from worker.ingest import Ingest, ensure_group
-from worker.models import Merchant
-from worker.service import InvoiceService
-from worker.signing import sign
-from worker.store import decode_stored, parse_ledger_line
+from worker.domain.models import Merchant
+from worker.domain.signing import sign
+from worker.ingest.consumer import Ingest, ensure_group
+from worker.services.invoices import InvoiceService
+from worker.store import keys
+from worker.store.invoices import decode_stored, parse_ledger_line
 
 Client = TestClient[Any, Any]
 NOW = 1_800_000_000  # a fixed "now" for observed_at values well in the future

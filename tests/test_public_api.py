@@ -12,8 +12,8 @@ from aiohttp.test_utils import TestClient
 
 from receiver import appkeys
 from tests.support import create_payload, merchant_post
-from worker import keys
-from worker.models import Merchant
+from worker.domain.models import Merchant
+from worker.store import keys
 
 Client = TestClient[Any, Any]
 

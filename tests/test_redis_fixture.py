@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from worker.redis_server import RedisServer
+from worker.store.redis_server import RedisServer
 
 
 async def test_redis_survives_a_crash_with_aof(

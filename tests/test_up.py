@@ -21,11 +21,11 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from receiver.supervisor import SINK_PATH, sink_app
-from worker.merchants import MerchantStore, make_merchant
-from worker.redis_server import free_port
-from worker.runtime import REDIS_URL_FILE
-from worker.signing import sign
+from receiver.commands.up import SINK_PATH, sink_app
+from worker.app.runtime import REDIS_URL_FILE
+from worker.domain.signing import sign
+from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.redis_server import free_port
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/stat").exists(), reason="finds processes in /proc"
@@ -166,7 +166,7 @@ class Up:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "receiver.cli",
+            "receiver.commands.cli",
             *args,
             env=self.env,
             cwd=self.data_dir.parent,
@@ -203,7 +203,7 @@ async def start_up(tmp_path: Path) -> AsyncIterator[StartUp]:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "receiver.cli",
+                "receiver.commands.cli",
                 "up",
                 env=env,
                 cwd=tmp_path,
@@ -224,7 +224,7 @@ async def start_up(tmp_path: Path) -> AsyncIterator[StartUp]:
         for pid in leftovers:
             # Only ours: a PID seen earlier may belong to someone else by now.
             if running(pid) and (
-                "receiver.cli" in command_line(pid) or "redis" in command_line(pid)
+                "receiver.commands.cli" in command_line(pid) or "redis" in command_line(pid)
             ):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -285,8 +285,8 @@ async def test_ctrl_c_stops_everything_and_exits_0(start_up: StartUp) -> None:
     banner = await up.banner()
     children = descendants(up.process.pid)
     commands = " | ".join(command_line(pid) for pid in children)
-    assert "receiver.cli receiver" in commands
-    assert "receiver.cli worker" in commands
+    assert "receiver.commands.cli receiver" in commands
+    assert "receiver.commands.cli worker" in commands
     assert "redis-server" in commands
 
     assert await up.stop(signal.SIGINT) == 0
@@ -307,7 +307,7 @@ async def test_sigterm_stops_like_ctrl_c(start_up: StartUp) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim", ["receiver.cli worker", "redis-server"])
+@pytest.mark.parametrize("victim", ["receiver.commands.cli worker", "redis-server"])
 async def test_a_child_that_dies_stops_everything_with_a_failure(
     start_up: StartUp, victim: str
 ) -> None:

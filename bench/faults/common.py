@@ -28,12 +28,12 @@ from bench.harness import stack
 from tests import processes
 from tests.scenarios import Plan, body, create_plans, mismatches, reference
 from tests.support import make_settings
-from worker.aioredis import connect
-from worker.merchants import MerchantStore, make_merchant
-from worker.models import Merchant
-from worker.redis_server import RedisServer, free_port
-from worker.runtime import invoice_service
-from worker.service import InvoiceService
+from worker.app.runtime import invoice_service
+from worker.domain.models import Merchant
+from worker.services.invoices import InvoiceService
+from worker.store.connection import connect
+from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.redis_server import RedisServer, free_port
 
 # Fast failure handling, so a run converges in seconds: a callback attempt gives up
 # after 2 s and is retried after 1, 1, 1, 1, 2, … s; dead workers' updates are

@@ -19,12 +19,20 @@ from decimal import Decimal
 from bip_utils import SegwitBech32Encoder
 from redis.asyncio import Redis
 
-from worker import keys, machine
-from worker.currencies import quote
-from worker.events import TransactionUpdate
-from worker.machine import NewInvoice
-from worker.models import Compliance, DepositAddress, Invoice, Merchant, PaymentType, TxStatus
-from worker.service import InvoiceService
+from worker.domain import machine
+from worker.domain.currencies import quote
+from worker.domain.events import TransactionUpdate
+from worker.domain.machine import NewInvoice
+from worker.domain.models import (
+    Compliance,
+    DepositAddress,
+    Invoice,
+    Merchant,
+    PaymentType,
+    TxStatus,
+)
+from worker.services.invoices import InvoiceService
+from worker.store import keys
 
 # Invoices written per pipeline (one round trip, one fsync).
 PIPELINE = 500

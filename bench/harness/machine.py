@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from worker.redis_server import find_redis_server
+from worker.store.redis_server import find_redis_server
 
 
 def cpu_model() -> str:

@@ -1,7 +1,7 @@
 """The baseline of the worker benchmark: an arq worker whose jobs do nothing.
 
 `python -m bench.harness.noop_arq --redis URL --queue NAME` runs an arq
-worker with the same arq settings as coinvoice's (worker/main.py:
+worker with the same arq settings as coinvoice's (worker/app/main.py:
 `poll_delay` 0.2 s, `max_jobs` 20, no kept results) and one job, `noop`.
 `enqueue` fills its queue from the bench process.
 """
@@ -16,7 +16,7 @@ from typing import Any
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker
 
-# arq settings of coinvoice's worker (worker/main.py build_worker).
+# arq settings of coinvoice's worker (worker/app/main.py build_worker).
 POLL_DELAY_SECONDS = 0.2
 MAX_JOBS = 20
 # Concurrent enqueue calls from the bench process.

@@ -14,7 +14,7 @@ import time
 
 from aiohttp import web
 
-from worker.signing import verify
+from worker.domain.signing import verify
 
 
 def make_app(out_path: str, secret: str) -> web.Application:

@@ -1,6 +1,6 @@
 """The processes a benchmark runs: its own Redis, receivers, workers, a merchant sink.
 
-Receivers and workers are the real `python -m receiver.cli …` children of
+Receivers and workers are the real `python -m receiver.commands.cli …` children of
 tests/processes.py, with warning-level logs (the measurement setting).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tests import processes
 from worker.logs import configure_logging
-from worker.redis_server import RedisServer, free_port
+from worker.store.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 # How long a helper process may take to listen (seconds).

@@ -1,0 +1,126 @@
+"""API errors with the exact JSON bodies of spec §6, and the middleware that maps them.
+
+Handlers raise `ApiError` (or let a domain exception through); the middleware
+turns every failure — including aiohttp's own 404/405/413 and unexpected
+exceptions — into a JSON body, never an HTML page or a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from receiver.accesslog import route_pattern
+from worker.domain.addresses import NoAddressAvailable
+from worker.domain.machine import DomainError, InvalidChoice
+from worker.logs import get_logger
+from worker.services.invoices import ConcurrentModification, InvoiceNotFound
+from worker.store.invoices import DuplicateForeignId
+
+log = get_logger(__name__)
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, JSON body, optional headers."""
+
+    def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
+        super().__init__(status, body)
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
+
+
+def bad_signature() -> ApiError:
+    return ApiError(403, {"error": "Bad signature header", "code": "bad_header_signature"})
+
+
+def bad_content() -> ApiError:
+    return ApiError(400, {"error": "Bad content format", "code": "bad_content_format"})
+
+
+def field_errors(errors: dict[str, str]) -> ApiError:
+    return ApiError(400, {"errors": errors})
+
+
+def not_found() -> ApiError:
+    return ApiError(404, {"errors": {"error": "Invoice not found.", "code": "not_found"}})
+
+
+def too_large() -> ApiError:
+    return ApiError(413, {"error": "Request body too large", "code": "payload_too_large"})
+
+
+def rate_limited(retry_after: int) -> ApiError:
+    return ApiError(
+        429,
+        {"error": "Too many requests", "code": "rate_limited"},
+        {"Retry-After": str(retry_after)},
+    )
+
+
+def invalid_state(message: str, code: str = "invalid_invoice_state") -> ApiError:
+    return ApiError(400, {"errors": {"error": message, "code": code}})
+
+
+def duplicate_foreign_id() -> ApiError:
+    return field_errors({"foreign_id": "The foreign id has already been taken."})
+
+
+def _from_exception(exc: Exception) -> ApiError | None:
+    """The API answer for a domain exception, or None if it is unexpected."""
+    match exc:
+        case ApiError():
+            return exc
+        case DuplicateForeignId():
+            return duplicate_foreign_id()
+        case InvoiceNotFound():
+            return not_found()
+        case InvalidChoice():
+            return invalid_state(exc.message, exc.code)
+        case DomainError():
+            return invalid_state(exc.message, exc.code)
+        case NoAddressAvailable():
+            log.error("no_deposit_address", currency=exc.currency)
+            return ApiError(
+                503,
+                {"error": "No deposit address available", "code": "no_address"},
+                {"Retry-After": "30"},
+            )
+        case ConcurrentModification():
+            return ApiError(
+                503, {"error": "Invoice busy, retry", "code": "conflict"}, {"Retry-After": "1"}
+            )
+    return None
+
+
+def _http_error(exc: web.HTTPException) -> ApiError:
+    if exc.status == 413:
+        return too_large()
+    if exc.status == 404:
+        return ApiError(404, {"errors": {"error": "Not found.", "code": "not_found"}})
+    return ApiError(exc.status, {"error": exc.reason, "code": exc.reason.lower().replace(" ", "_")})
+
+
+def json_error(error: ApiError) -> web.Response:
+    return web.json_response(error.body, status=error.status, headers=error.headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes the JSON error of spec §6."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(_http_error(exc))
+    except Exception as exc:
+        mapped = _from_exception(exc)
+        if mapped is not None:
+            return json_error(mapped)
+        log.exception("request_failed", route=route_pattern(request), method=request.method)
+        return json_error(
+            ApiError(500, {"error": "Internal server error", "code": "internal_error"})
+        )

@@ -1,0 +1,239 @@
+"""The arq worker: its settings, start-up and shutdown, cron jobs and health check.
+
+arq runs the scheduled work (the timer sweep every second). The long-lived
+loops (applying processing updates, delivering callbacks) are tasks started
+by `startup`, because one arq job per update would cap a worker far below its
+goal (see docs/architecture.md). A heartbeat in Redis records that this
+process and its loops are alive; `coinvoice worker --check` reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
+from typing import Any, TypedDict
+
+from arq import cron
+from arq.connections import RedisSettings
+from arq.worker import Worker
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
+
+from worker.app.runtime import invoice_service, redis_url
+from worker.config import Settings
+from worker.ingest.consumer import Ingest
+from worker.logs import configure_logging, get_logger
+from worker.mail.loop import run_mail_loop
+from worker.outbox.delivery import Deliverer
+from worker.services.invoices import InvoiceService
+from worker.store import keys
+from worker.store.connection import REDIS_RETRIES, connect
+
+log = get_logger(__name__)
+
+# A worker writes its heartbeat this often (seconds)...
+HEARTBEAT_SECONDS = 2.0
+# ...and counts as alive while its last one is younger than this.
+HEARTBEAT_STALE_SECONDS = 10
+# Counters are logged this often when they changed (seconds).
+STATS_EVERY_SECONDS = 10.0
+# arq job names are global per Redis; ours carry a prefix.
+QUEUE_NAME = "cv:arq"
+# Errors arq's connections retry with backoff. OSError is a refused connection while
+# Redis restarts: redis-py raises it from connect() when a pooled connection is
+# re-opened on checkout, outside the per-command retry (bench/faults/redis_restart.py
+# saw workers exit on it).
+ARQ_RETRY_ON = [ConnectionError, TimeoutError, OSError]
+
+
+class Context(TypedDict, total=False):
+    """What arq passes to every job and hook (plus arq's own keys)."""
+
+    settings: Settings
+    redis: Any  # arq's pool, used by arq itself
+    store_redis: Redis
+    service: InvoiceService
+    ingest: Ingest
+    deliverer: Deliverer
+    name: str
+    tasks: list[asyncio.Task[None]]
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def fire_timers(ctx: Context) -> int:
+    """arq cron, every second: fail or extend the invoices whose timer is due."""
+    return await ctx["service"].fire_due_timers()
+
+
+async def _heartbeat(ctx: Context) -> None:
+    """Record that this worker and its loops live; stop recording if a loop died."""
+    redis, name = ctx["store_redis"], ctx["name"]
+    while True:
+        loops = [task for task in ctx["tasks"] if task.get_name() != "heartbeat"]
+        dead = [task.get_name() for task in loops if task.done()]
+        if dead:
+            log.error("worker_loop_died", loops=dead)
+        else:
+            with contextlib.suppress(RedisError, OSError):
+                await redis.zadd(keys.WORKERS, {name: time.time()})
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+
+
+async def _ingest(ctx: Context) -> None:
+    """Apply processing updates from the stream (worker/ingest/consumer.py)."""
+    await ctx["ingest"].run()
+
+
+async def _deliver(ctx: Context) -> None:
+    """Deliver merchant callbacks (worker/outbox/delivery.py)."""
+    await ctx["deliverer"].run()
+
+
+async def _mail(ctx: Context) -> None:
+    """Send due customer e-mails (worker/mail/loop.py)."""
+    await run_mail_loop(ctx["store_redis"], ctx["service"], ctx["settings"])
+
+
+async def _log_stats(ctx: Context) -> None:
+    """Periodic counters, so an operator sees throughput and suppressed duplicates."""
+    last: dict[str, int] = {}
+    while True:
+        await asyncio.sleep(STATS_EVERY_SECONDS)
+        stats = ctx["ingest"].stats.as_dict()
+        if stats != last:
+            log.info("ingest_stats", worker=ctx["name"], **stats)
+            last = stats
+
+
+# Long-lived loops started with the worker.
+LOOPS: list[tuple[str, Callable[[Context], Coroutine[Any, Any, None]]]] = [
+    ("heartbeat", _heartbeat),
+    ("ingest", _ingest),
+    ("delivery", _deliver),
+    ("mail", _mail),
+    ("stats", _log_stats),
+]
+
+
+async def startup(ctx: Context) -> None:
+    settings = ctx["settings"]
+    redis = connect(redis_url(settings))
+    ctx["store_redis"] = redis
+    ctx["service"] = invoice_service(redis, settings)
+    ctx["name"] = worker_name()
+    ctx["ingest"] = Ingest(
+        redis,
+        ctx["service"],
+        consumer=ctx["name"],
+        reclaim_idle_ms=int(settings.reclaim_idle_seconds * 1000),
+    )
+    deliverer = Deliverer(redis, ctx["service"].store, settings)
+    await deliverer.start()
+    ctx["deliverer"] = deliverer
+    # A snapshot committed in this process is delivered without waiting for the next poll.
+    ctx["service"].listeners.append(
+        lambda transition: deliverer.wake() if transition.callback else None
+    )
+    ctx["tasks"] = []
+    for name, loop in LOOPS:
+        ctx["tasks"].append(asyncio.create_task(loop(ctx), name=name))
+    log.info("worker_started", worker=ctx["name"], loops=[name for name, _ in LOOPS])
+
+
+async def shutdown(ctx: Context) -> None:
+    for task in ctx.get("tasks", []):
+        task.cancel()
+    await asyncio.gather(*ctx.get("tasks", []), return_exceptions=True)
+    if "ingest" in ctx:
+        log.info("ingest_stats", worker=ctx["name"], **ctx["ingest"].stats.as_dict())
+    if "deliverer" in ctx:
+        await ctx["deliverer"].close()
+    redis = ctx.get("store_redis")
+    if redis is not None:
+        with contextlib.suppress(RedisError, OSError):
+            await redis.zrem(keys.WORKERS, ctx["name"])
+        await redis.aclose()
+    log.info("worker_stopped", worker=ctx.get("name"))
+
+
+def arq_redis_settings(url: str) -> RedisSettings:
+    """arq's connection, retrying through a Redis restart like our own client does."""
+    base = RedisSettings.from_dsn(url)
+    return replace(
+        base,
+        retry_on_timeout=True,
+        retry_on_error=ARQ_RETRY_ON,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=REDIS_RETRIES),
+        conn_retries=REDIS_RETRIES,
+    )
+
+
+class ResilientWorker(Worker):
+    """arq's Worker, but a Redis error in one poll does not end the process.
+
+    arq polls its queue and runs cron jobs every `poll_delay`; an error there
+    (Redis restarting: a pooled connection re-opened on checkout, outside
+    redis-py's per-command retry) would end `Worker.main` and with it the
+    process and its loops. Here it is logged and the next poll tries again.
+    """
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as exc:
+            log.warning("arq_poll_redis_error", error=repr(exc))
+
+
+def build_worker(settings: Settings) -> Worker:
+    """An arq Worker for these settings (`coinvoice worker`)."""
+    return ResilientWorker(
+        functions=[],
+        cron_jobs=[
+            cron(
+                fire_timers,  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]
+                second=set(range(60)),
+                run_at_startup=True,
+                unique=True,
+                timeout=60,
+                keep_result=0,
+                max_tries=1,
+            )
+        ],
+        queue_name=QUEUE_NAME,
+        redis_settings=arq_redis_settings(redis_url(settings)),
+        on_startup=startup,  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]
+        on_shutdown=shutdown,  # type: ignore[arg-type]
+        ctx={"settings": settings},
+        handle_signals=True,
+        keep_result=0,
+        poll_delay=0.2,
+        max_jobs=20,
+    )
+
+
+def run(settings: Settings) -> None:
+    configure_logging(settings.log_format, settings.log_level)
+    build_worker(settings).run()
+
+
+async def check(settings: Settings) -> bool:
+    """Is at least one worker alive with all its loops? (`coinvoice worker --check`)"""
+    redis = connect(redis_url(settings))
+    try:
+        since = time.time() - HEARTBEAT_STALE_SECONDS
+        alive = await redis.zrangebyscore(keys.WORKERS, since, "+inf")
+        return bool(alive)
+    except (RedisError, OSError):
+        return False
+    finally:
+        await redis.aclose()

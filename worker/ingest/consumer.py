@@ -1,0 +1,313 @@
+"""Applying processing updates: a Redis-stream consumer that works in batches.
+
+The receiver `enqueue`s each transaction update into the `cv:updates` stream
+and answers 200 only then. Every worker reads the stream through one consumer
+group, in batches:
+
+1. parse the batch, find each update's invoice by its deposit address;
+2. read all those invoices in one pipeline;
+3. apply each invoice's updates through the pure state machine, in order;
+4. commit every changed invoice with its effects (commit.lua, one pipeline;
+   a lost compare-and-set re-reads and re-applies that invoice);
+5. only then acknowledge and delete the batch's entries.
+
+A crash anywhere before step 5 leaves the entries pending; this or another
+worker applies them again, which changes nothing because a transaction's
+updates merge monotonically — so every accepted update takes effect exactly
+once. Deposits to addresses no invoice owns are kept in `cv:orphans`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from worker.domain import machine
+from worker.domain.effects import Effect
+from worker.domain.events import TransactionUpdate
+from worker.domain.machine import Transition
+from worker.logs import get_logger
+from worker.services.invoices import MAX_CAS_ATTEMPTS, InvoiceService, log_change
+from worker.store import keys
+from worker.store.codec import dump_update, load_update
+from worker.store.connection import awaited
+from worker.store.invoices import Stored
+
+log = get_logger(__name__)
+
+# Entries taken per read; one batch costs about five Redis round trips in all.
+BATCH = 256
+# How long an idle read blocks waiting for new entries (milliseconds).
+BLOCK_MS = 1000
+# How often a worker looks for entries left by dead workers (seconds).
+RECLAIM_EVERY_SECONDS = 5.0
+# Address owners never change, so they are cached; the cache is dropped when this big.
+OWNER_CACHE_SIZE = 100_000
+# Back-off while Redis is unreachable (seconds): doubles from the first to the cap.
+BACKOFF_FIRST_SECONDS = 0.05
+BACKOFF_CAP_SECONDS = 2.0
+
+Entry = tuple[bytes, dict[bytes, bytes] | None]
+
+
+async def ensure_group(redis: Redis) -> None:
+    """Create the consumer group (and the stream) unless it exists; start from the beginning."""
+    try:
+        await redis.xgroup_create(keys.UPDATES, keys.UPDATES_GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+@dataclass
+class IngestStats:
+    """Counters since start: what was read, what changed state, what was a no-op."""
+
+    entries: int = 0
+    applied: int = 0  # updates that changed their invoice
+    unchanged: int = 0  # duplicates and stale updates, suppressed by the merge
+    orphans: int = 0
+    conflicts: int = 0  # lost compare-and-sets, re-applied
+    parked: int = 0  # entries that could not be applied, kept for operators
+    reclaimed: int = 0  # entries taken over from a dead worker
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Ingest:
+    """The stream consumer of one worker process."""
+
+    redis: Redis
+    service: InvoiceService
+    consumer: str
+    reclaim_idle_ms: int = 30_000
+    batch: int = BATCH
+    stats: IngestStats = field(default_factory=IngestStats)
+    _owners: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    async def run(self) -> None:
+        """Consume forever; ride out Redis restarts; re-read our own pending entries after one."""
+        failures = 0
+        backlog = True  # first our own unacknowledged entries (after a restart)
+        next_reclaim = 0.0
+        while True:
+            try:
+                if failures or time.monotonic() >= next_reclaim:
+                    await ensure_group(self.redis)
+                    await self.reclaim()
+                    next_reclaim = time.monotonic() + RECLAIM_EVERY_SECONDS
+                entries = await self.read(backlog)
+                if backlog and not entries:
+                    backlog = False
+                elif entries:
+                    await self.process(entries)
+                failures = 0
+            except (RedisError, OSError) as exc:
+                failures += 1
+                delay = min(BACKOFF_CAP_SECONDS, BACKOFF_FIRST_SECONDS * 2**failures)
+                log.warning("ingest_redis_error", error=repr(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                backlog = True
+
+    async def read(self, backlog: bool) -> list[Entry]:
+        """New entries (blocking briefly), or our own pending ones when `backlog`."""
+        response = await self.redis.xreadgroup(
+            keys.UPDATES_GROUP,
+            self.consumer,
+            {keys.UPDATES: "0" if backlog else ">"},
+            count=self.batch,
+            block=None if backlog else BLOCK_MS,
+        )
+        return [entry for _, entries in response for entry in entries]
+
+    async def reclaim(self) -> int:
+        """Take over entries another consumer left unacknowledged too long, and apply them."""
+        start, taken = "0-0", 0
+        while True:
+            start, entries, *_ = await self.redis.xautoclaim(
+                keys.UPDATES,
+                keys.UPDATES_GROUP,
+                self.consumer,
+                self.reclaim_idle_ms,
+                start_id=start,
+                count=self.batch,
+            )
+            if entries:
+                taken += len(entries)
+                await self.process(entries, reclaimed=True)
+            if start in (b"0-0", "0-0") or not entries:
+                break
+        if taken:
+            log.warning("ingest_reclaimed", entries=taken, consumer=self.consumer)
+        return taken
+
+    async def process(self, entries: Sequence[Entry], reclaimed: bool = False) -> None:
+        """Apply a batch, then acknowledge it (never the other way round)."""
+        before = self.stats.as_dict()
+        self.stats.entries += len(entries)
+        if reclaimed:
+            self.stats.reclaimed += len(entries)
+        updates: list[TransactionUpdate] = []
+        broken: list[Entry] = []
+        for entry_id, fields in entries:
+            if fields is None:  # deleted after it was applied; only the ack is missing
+                continue
+            try:
+                updates.append(load_update(fields[b"u"]))
+            except (KeyError, ValidationError):
+                broken.append((entry_id, fields))
+        owners = await self._find_owners(updates)
+        by_invoice: dict[int, list[TransactionUpdate]] = {}
+        orphans: list[TransactionUpdate] = []
+        for update, owner in zip(updates, owners, strict=True):
+            if owner is None:
+                orphans.append(update)
+            else:
+                by_invoice.setdefault(owner, []).append(update)
+        orphans += await self._apply(by_invoice)
+        await self._keep_orphans(orphans)
+        await self._park(broken, "unreadable entry")
+        ids = [entry_id for entry_id, _ in entries]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(keys.UPDATES, keys.UPDATES_GROUP, *ids)
+            pipe.xdel(keys.UPDATES, *ids)
+            # System-wide counters for /metrics and the crash tests.
+            for name, value in self.stats.as_dict().items():
+                if value != before[name]:
+                    pipe.hincrby(keys.INGEST_STATS, name, value - before[name])
+            await pipe.execute()
+
+    async def _find_owners(self, updates: Sequence[TransactionUpdate]) -> list[int | None]:
+        pairs = [(u.currency, u.address) for u in updates]
+        unknown = list({pair for pair in pairs if pair not in self._owners})
+        if unknown:
+            found = await self.service.store.ids_by_address(unknown)
+            if len(self._owners) + len(unknown) > OWNER_CACHE_SIZE:
+                self._owners.clear()
+            self._owners.update(
+                {p: o for p, o in zip(unknown, found, strict=True) if o is not None}
+            )
+        return [self._owners.get(pair) for pair in pairs]
+
+    async def _apply(
+        self, by_invoice: dict[int, list[TransactionUpdate]]
+    ) -> list[TransactionUpdate]:
+        """Apply and commit every invoice's updates; return those whose invoice is gone."""
+        store, policy = self.service.store, self.service.policy
+        pending = dict(by_invoice)
+        missing: list[TransactionUpdate] = []
+        for _ in range(MAX_CAS_ATTEMPTS):
+            loaded = await store.get_many(list(pending))
+            commits: list[tuple[Stored, Transition, int]] = []
+            for invoice_id, updates in pending.items():
+                stored = loaded.get(invoice_id)
+                if stored is None:
+                    missing += updates
+                    continue
+                try:
+                    transition, changed = _apply_all(stored, updates, policy)
+                except Exception as exc:  # a bug must not block every other invoice
+                    log.exception("ingest_apply_failed", invoice_id=invoice_id)
+                    await self._park_updates(updates, repr(exc))
+                    continue
+                if changed:
+                    commits.append((stored, transition, changed))
+                else:
+                    self.stats.unchanged += len(updates)
+            if not commits:
+                return missing
+            now = self.service.now()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stored, transition, _ in commits:
+                    await store.queue_commit(pipe, stored, transition, now)
+                results = await pipe.execute()
+            lost: set[int] = set()
+            for (stored, transition, changed), version in zip(commits, results, strict=True):
+                if not version:
+                    lost.add(stored.invoice.id)
+                    continue
+                updates = pending[stored.invoice.id]
+                self.stats.applied += changed
+                self.stats.unchanged += len(updates) - changed
+                log_change(stored, transition, "TransactionUpdate", updates=len(updates))
+                self.service.committed(transition)
+            self.stats.conflicts += len(lost)
+            pending = {i: pending[i] for i in lost}
+            if not pending:
+                return missing
+        raise RuntimeError(f"invoices {sorted(pending)} kept losing the compare-and-set")
+
+    async def _keep_orphans(self, orphans: Sequence[TransactionUpdate]) -> None:
+        """Record deposits no invoice owns: one field per distinct update (idempotent)."""
+        if not orphans:
+            return
+        fields = {
+            f"{u.tx_id}:{u.status.value}:{u.confirmations}:{u.compliance.value}": dump_update(u)
+            for u in orphans
+        }
+        await awaited(self.redis.hset(keys.ORPHANS, mapping=fields))
+        self.stats.orphans += len(orphans)
+        for u in orphans:
+            log.warning(
+                "orphan_deposit",
+                tx_id=u.tx_id,
+                currency=u.currency,
+                address=u.address,
+                status=u.status,
+            )
+
+    async def _park(self, entries: Sequence[Entry], reason: str) -> None:
+        """Keep entries that cannot be read for an operator, instead of retrying forever."""
+        if entries:
+            await self._keep_parked(
+                {
+                    entry_id.decode(): json.dumps(
+                        {k.decode(): v.decode() for k, v in (f or {}).items()}
+                    )
+                    for entry_id, f in entries
+                },
+                reason,
+            )
+
+    async def _park_updates(self, updates: Sequence[TransactionUpdate], reason: str) -> None:
+        """Keep updates whose application failed (a bug) for an operator to replay."""
+        await self._keep_parked(
+            {
+                f"tx:{u.tx_id}:{u.status.value}:{u.confirmations}": dump_update(u).decode()
+                for u in updates
+            },
+            reason,
+        )
+
+    async def _keep_parked(self, payloads: dict[str, str], reason: str) -> None:
+        record = {
+            key: json.dumps({"reason": reason, "payload": value}) for key, value in payloads.items()
+        }
+        await awaited(self.redis.hset(keys.UPDATES_PARKED, mapping=record))
+        self.stats.parked += len(payloads)
+        log.error("ingest_parked", entries=len(payloads), reason=reason)
+
+
+def _apply_all(
+    stored: Stored, updates: Sequence[TransactionUpdate], policy: machine.Policy
+) -> tuple[Transition, int]:
+    """Fold one invoice's updates through the machine; return the combined transition
+    and how many updates changed it."""
+    invoice, changed = stored.invoice, 0
+    effects: list[Effect] = []
+    for update in updates:
+        transition = machine.apply(invoice, update, policy)
+        if transition.invoice != invoice:
+            changed += 1
+        invoice = transition.invoice
+        effects.extend(transition.effects)
+    return Transition(invoice, tuple(effects)), changed

@@ -1,0 +1,85 @@
+"""What operators see: backlogs, orphan deposits, one invoice with its internals.
+
+The receiver's `/metrics` and the operator commands read Redis only through
+these functions, so the Redis layout can change without touching them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from redis.asyncio import Redis
+
+from worker.domain import machine
+from worker.domain.events import TransactionUpdate
+from worker.domain.snapshot import snapshot
+from worker.store import keys
+from worker.store.codec import load_update
+from worker.store.connection import awaited
+from worker.store.deliveries import delivery_log
+from worker.store.invoices import Stored
+
+
+async def backlog(redis: Redis, now: int) -> dict[str, int]:
+    """Work waiting in Redis: stream length, and callbacks, timers and mails due by `now`."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xlen(keys.UPDATES)
+        pipe.zcount(keys.DELIVERY_DUE, "-inf", now)
+        pipe.zcount(keys.TIMERS, "-inf", now)
+        pipe.zcount(keys.MAIL_DUE, "-inf", now)
+        updates, deliveries, timers, mails = await pipe.execute()
+    return {
+        "updates": updates,
+        "callbacks_due": deliveries,
+        "timers_due": timers,
+        "mails_due": mails,
+    }
+
+
+async def orphans(redis: Redis) -> list[dict[str, Any]]:
+    """Each orphan deposit once, its recorded updates merged (spec §8), by transaction id."""
+    raw = await awaited(redis.hgetall(keys.ORPHANS))
+    by_tx: dict[int, list[TransactionUpdate]] = {}
+    for payload in raw.values():
+        update = load_update(payload)
+        by_tx.setdefault(update.tx_id, []).append(update)
+    out = []
+    for tx_id in sorted(by_tx):
+        updates = by_tx[tx_id]
+        tx = machine.new_transaction(updates[0], late=False)
+        for update in updates:
+            tx = machine.merge(tx, update)
+        out.append(
+            {
+                "tx_id": tx.id,
+                "currency": tx.currency,
+                "address": tx.address,
+                "amount": str(tx.amount),
+                "txid": tx.txid,
+                "status": tx.status.value,
+                "confirmations": tx.confirmations,
+                "compliance": tx.compliance.value,
+                "first_observed_at": tx.first_observed_at,
+                "observed_at": tx.observed_at,
+            }
+        )
+    return out
+
+
+async def invoice_details(redis: Redis, stored: Stored) -> dict[str, Any]:
+    """The merchant's view of one invoice plus what only operators see."""
+    invoice = stored.invoice
+    timer = await redis.zscore(keys.TIMERS, invoice.id)
+    mails = await awaited(redis.hgetall(keys.mails(invoice.id)))
+    return snapshot(invoice) | {
+        "version": stored.version,
+        "token": invoice.token,
+        "invoice_type": invoice.invoice_type,
+        "payment_type": invoice.payment_type.value,
+        "email": invoice.email,
+        "timer_fires_at": None if timer is None else int(timer),
+        "credited": None if invoice.credited is None else str(invoice.credited),
+        "mails": {k.decode(): json.loads(v) for k, v in mails.items()},
+        "callbacks": await delivery_log(redis, invoice),
+    }
