@@ -1,7 +1,10 @@
 """Currencies and exchange rates.
 
 `RateProvider` is the seam a live feed plugs into; `FileRateProvider` reads
-the rates file (prices in one base unit, every pair derived from them).
+the rates file (prices in one base unit, every pair derived from them). The
+rates file always names the currencies; where prices come from is a
+`PriceFeed`: the file's own (`FixedPrices`), or live market prices kept in
+Redis (worker/store/rates.py, over `worker.domain.prices.LiveRates`).
 `quote()` turns an invoice amount into what the customer pays, rounded up at
 8 decimals so the merchant is never short because of rounding (spec §1).
 """
@@ -36,6 +39,13 @@ class Currency:
     precision: int
     # BIP21-style URI scheme for QR codes ("bitcoin:addr?amount=…"), where one exists.
     uri_scheme: str | None = None
+    # The symbol markets price it under (USDTT, USDT on Tron, trades as USDT); "" = `code`.
+    market_symbol: str = ""
+
+    @property
+    def market(self) -> str:
+        """The symbol market sources quote this currency under."""
+        return self.market_symbol or self.code
 
 
 class UnknownCurrency(LookupError):
@@ -49,6 +59,14 @@ class RateProvider(Protocol):
 
     def rate(self, source: str, target: str) -> Decimal:
         """Units of `target` one unit of `source` buys."""
+        ...
+
+
+class PriceFeed(Protocol):
+    """Where the current prices come from, read once per request or operation."""
+
+    async def current(self) -> RateProvider:
+        """Rates to quote with now; their `rate()` raises if a price is unusable."""
         ...
 
 
@@ -72,7 +90,9 @@ class FileRateProvider:
         for code, entry in table.items():
             kind = CurrencyType(entry["type"])
             precision = int(entry.get("precision", 8 if kind is CurrencyType.CRYPTO else 2))
-            currencies.append(Currency(code, kind, precision, entry.get("uri_scheme")))
+            currencies.append(
+                Currency(code, kind, precision, entry.get("uri_scheme"), entry.get("market", ""))
+            )
             price = Decimal(str(entry["price"]))
             if price <= ZERO:
                 raise ValueError(f"price of {code} must be positive")
@@ -93,6 +113,16 @@ class FileRateProvider:
             return div(self._prices[source], self._prices[target])
         except KeyError as missing:
             raise UnknownCurrency(str(missing)) from None
+
+
+class FixedPrices:
+    """The rates file's prices: always available, never stale (the offline default)."""
+
+    def __init__(self, rates: FileRateProvider) -> None:
+        self._rates = rates
+
+    async def current(self) -> RateProvider:
+        return self._rates
 
 
 def crypto_codes(rates: RateProvider) -> tuple[str, ...]:

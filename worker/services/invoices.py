@@ -18,7 +18,14 @@ from decimal import Decimal
 
 from worker.domain import machine
 from worker.domain.addresses import AddressProvider
-from worker.domain.currencies import FileRateProvider, crypto_codes, quote
+from worker.domain.currencies import (
+    FileRateProvider,
+    FixedPrices,
+    PriceFeed,
+    RateProvider,
+    crypto_codes,
+    quote,
+)
 from worker.domain.events import (
     CustomerConfirm,
     Event,
@@ -101,9 +108,13 @@ class InvoiceService:
         addresses: AddressProvider,
         policy: Policy,
         clock: Callable[[], float] = time.time,
+        prices: PriceFeed | None = None,
     ) -> None:
         self.store = store
+        # The currencies on offer (the rates file); prices come from `prices`.
         self.rates = rates
+        # Live market prices, or the file's own; their `rate()` refuses stale prices.
+        self.prices: PriceFeed = prices or FixedPrices(rates)
         self.addresses = addresses
         self.policy = policy
         self.clock = clock
@@ -120,21 +131,22 @@ class InvoiceService:
 
         The cheap lookup first spares an address for the common duplicate; the
         create script's SET NX is what makes racing duplicates impossible.
+        Every quote the customer would be offered is computed before anything
+        is written, so stale prices (`RatesUnavailable`) leave nothing behind:
+        no id, no address, no foreign id claimed.
         """
         existing = await self.store.id_by_foreign_id(merchant.key, request.foreign_id)
         if existing is not None:
             raise DuplicateForeignId(existing)
         now = self.now()
         kind = machine.invoice_type(request.timer, request.sender_currency)
+        offered = self._offered(await self.prices.current(), request)
         quotes: tuple[Quote, ...] = ()
         address: DepositAddress | None = None
         if kind == 2:
-            quotes = tuple(
-                quote(self.rates, request.currency, request.amount, code)
-                for code in crypto_codes(self.rates)
-            )
+            quotes = offered
         elif kind == 3 and request.sender_currency is not None:
-            quotes = (quote(self.rates, request.currency, request.amount, request.sender_currency),)
+            quotes = offered
             address = await self.addresses.allocate(request.sender_currency)
         invoice = machine.create(
             NewInvoice(
@@ -167,6 +179,16 @@ class InvoiceService:
             status=invoice.status.value,
         )
         return invoice
+
+    def _offered(self, rates: RateProvider, request: InvoiceRequest) -> tuple[Quote, ...]:
+        """What the customer would pay in each currency on offer, at the current prices.
+
+        Types 2 and 3 fix these quotes; type 1 fixes its rate only at the
+        customer's confirmation, but is refused all the same while prices are
+        unavailable, as its page could not show what to pay.
+        """
+        codes = (request.sender_currency,) if request.sender_currency else crypto_codes(rates)
+        return tuple(quote(rates, request.currency, request.amount, code) for code in codes)
 
     # ------------------------------------------------------------------ apply
 
@@ -239,7 +261,8 @@ class InvoiceService:
             event_quote = None
             if invoice.address is None and currency is not None and not invoice.status.is_final:
                 if invoice.invoice_type == 1:
-                    event_quote = self._quote(invoice, currency)
+                    # Before the address: stale prices (RatesUnavailable) allocate nothing.
+                    event_quote = self._quote(await self.prices.current(), invoice, currency)
                 elif currency not in {q.currency for q in invoice.quotes}:
                     raise machine.InvalidChoice(
                         f"Currency {currency} is not offered for this invoice."
@@ -258,10 +281,10 @@ class InvoiceService:
             await release_waiting(self.store.redis, stored.invoice.id)
         return transition.invoice
 
-    def _quote(self, invoice: Invoice, currency: str) -> Quote:
-        if currency not in crypto_codes(self.rates):
+    def _quote(self, rates: RateProvider, invoice: Invoice, currency: str) -> Quote:
+        if currency not in crypto_codes(rates):
             raise machine.InvalidChoice(f"Currency {currency} is not offered for this invoice.")
-        return quote(self.rates, invoice.currency, invoice.amount, currency)
+        return quote(rates, invoice.currency, invoice.amount, currency)
 
     async def cancel(self, merchant: str, foreign_id: str) -> Invoice:
         stored = await self.by_foreign_id(merchant, foreign_id)

@@ -7,6 +7,7 @@ these functions, so the Redis layout can change without touching them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -19,6 +20,7 @@ from worker.store.codec import load_update
 from worker.store.connection import awaited
 from worker.store.deliveries import delivery_log
 from worker.store.invoices import Stored
+from worker.store.rates import SourceHealth, read_prices, source_health
 
 
 async def backlog(redis: Redis, now: int) -> dict[str, int]:
@@ -83,3 +85,11 @@ async def invoice_details(redis: Redis, stored: Stored) -> dict[str, Any]:
         "mails": {k.decode(): json.loads(v) for k, v in mails.items()},
         "callbacks": await delivery_log(redis, invoice),
     }
+
+
+async def rates_health(
+    redis: Redis, sources: Iterable[str]
+) -> tuple[list[SourceHealth], dict[str, int]]:
+    """Each live rate source's last good answer and error count, and each price's as-of time."""
+    prices = await read_prices(redis)
+    return await source_health(redis, sources), {s: p.as_of for s, p in sorted(prices.items())}

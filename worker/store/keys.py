@@ -20,6 +20,9 @@ DELIVERY_DUE = PREFIX + "dlv:due"  # zset invoice id → next attempt time
 MAIL_DUE = PREFIX + "mail:due"  # zset "{invoice id}:{cause}" → due time
 MERCHANTS = PREFIX + "merchants"  # set of merchant keys
 WORKERS = PREFIX + "workers"  # zset worker name → last heartbeat (unix seconds)
+RATES = PREFIX + "rates"  # hash market symbol → "{price} {as of, unix s} {sources}"
+RATES_LEADER = PREFIX + "rates:leader"  # string: the worker refreshing rates (a lease)
+RATES_SOURCES = PREFIX + "rates:sources"  # hash "{source}:ok_at|errors|error" → value
 
 
 def merchant(key: str) -> str:
