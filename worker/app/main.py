@@ -32,6 +32,7 @@ from worker.ingest.consumer import Ingest
 from worker.logs import configure_logging, get_logger
 from worker.mail.loop import run_mail_loop
 from worker.outbox.delivery import Deliverer
+from worker.rates.refresher import Refresher
 from worker.services.invoices import InvoiceService
 from worker.store import keys
 from worker.store.connection import REDIS_RETRIES, connect
@@ -62,6 +63,7 @@ class Context(TypedDict, total=False):
     service: InvoiceService
     ingest: Ingest
     deliverer: Deliverer
+    refresher: Refresher
     name: str
     tasks: list[asyncio.Task[None]]
 
@@ -104,6 +106,11 @@ async def _mail(ctx: Context) -> None:
     await run_mail_loop(ctx["store_redis"], ctx["service"], ctx["settings"])
 
 
+async def _rates(ctx: Context) -> None:
+    """Keep the live rate table fresh while this worker leads (worker/rates/refresher.py)."""
+    await ctx["refresher"].run()
+
+
 async def _log_stats(ctx: Context) -> None:
     """Periodic counters, so an operator sees throughput and suppressed duplicates."""
     last: dict[str, int] = {}
@@ -144,10 +151,15 @@ async def startup(ctx: Context) -> None:
     ctx["service"].listeners.append(
         lambda transition: deliverer.wake() if transition.callback else None
     )
+    loops = list(LOOPS)
+    if settings.live_rates:
+        # Every worker runs it; the lease in Redis lets one of them read the markets.
+        ctx["refresher"] = Refresher(redis, settings, ctx["service"].rates, ctx["name"])
+        loops.append(("rates", _rates))
     ctx["tasks"] = []
-    for name, loop in LOOPS:
+    for name, loop in loops:
         ctx["tasks"].append(asyncio.create_task(loop(ctx), name=name))
-    log.info("worker_started", worker=ctx["name"], loops=[name for name, _ in LOOPS])
+    log.info("worker_started", worker=ctx["name"], loops=[name for name, _ in loops])
 
 
 async def shutdown(ctx: Context) -> None:
