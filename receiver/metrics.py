@@ -2,17 +2,23 @@
 
 Request counters and latencies come from a middleware; queue depths (updates
 waiting for a worker, callbacks due, timers due) are read from Redis at
-scrape time, so every receiver reports the system's backlog.
+scrape time, so every receiver reports the system's backlog. With live rates,
+so are each market source's age and error count and each price's age (the
+leading worker records them; see worker/rates/).
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterator
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from receiver import appkeys
 from receiver.accesslog import route_pattern
@@ -20,6 +26,37 @@ from worker.services import operations
 
 # Request latency buckets in seconds: the p99 goals live between 1 ms and 100 ms.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class RatesCollector(Collector):
+    """The live rates' health as of the last scrape (values read from Redis by `serve`)."""
+
+    def __init__(self) -> None:
+        self.sources: list[tuple[str, float, int]] = []  # (source, age s, errors)
+        self.prices: list[tuple[str, float]] = []  # (market symbol, age s)
+
+    def collect(self) -> Iterator[Metric]:
+        age = GaugeMetricFamily(
+            "coinvoice_rates_source_age_seconds",
+            "Seconds since the rate source last answered usably (+Inf: never)",
+            labels=["source"],
+        )
+        errors = CounterMetricFamily(
+            "coinvoice_rates_source_errors",
+            "Rate source answers that could not be used (down, slow, malformed, stale)",
+            labels=["source"],
+        )
+        for source, seconds, count in self.sources:
+            age.add_metric([source], seconds)
+            errors.add_metric([source], count)
+        price_age = GaugeMetricFamily(
+            "coinvoice_rates_price_age_seconds",
+            "Age of each live price; quotes refuse one older than COINVOICE_RATES_MAX_AGE_SECONDS",
+            labels=["symbol"],
+        )
+        for symbol, seconds in self.prices:
+            price_age.add_metric([symbol], seconds)
+        yield from (age, errors, price_age)
 
 
 class Metrics:
@@ -47,6 +84,8 @@ class Metrics:
             ["queue"],
             registry=self.registry,
         )
+        self.rates = RatesCollector()
+        self.registry.register(self.rates)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         """Count one request and its latency."""
@@ -79,8 +118,17 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 async def serve(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     redis = request.app[appkeys.REDIS]
-    for name, value in (await operations.backlog(redis, int(time.time()))).items():
+    now = time.time()
+    for name, value in (await operations.backlog(redis, int(now))).items():
         metrics.backlog.labels(name).set(value)
+    settings = request.app[appkeys.SETTINGS]
+    if settings.live_rates:
+        sources, prices = await operations.rates_health(redis, settings.rates_sources)
+        metrics.rates.sources = [
+            (s.name, math.inf if s.ok_at is None else max(0.0, now - s.ok_at), s.errors)
+            for s in sources
+        ]
+        metrics.rates.prices = [(symbol, max(0.0, now - as_of)) for symbol, as_of in prices.items()]
     return web.Response(
         body=generate_latest(metrics.registry),
         headers={"Content-Type": CONTENT_TYPE_LATEST},

@@ -15,11 +15,15 @@ from aiohttp.typedefs import Handler
 from receiver.accesslog import route_pattern
 from worker.domain.addresses import NoAddressAvailable
 from worker.domain.machine import DomainError, InvalidChoice
+from worker.domain.prices import RatesUnavailable
 from worker.logs import get_logger
 from worker.services.invoices import ConcurrentModification, InvoiceNotFound
 from worker.store.invoices import DuplicateForeignId
 
 log = get_logger(__name__)
+
+# A client refused for stale rates may retry after about one refresh (seconds).
+RATES_RETRY_AFTER_SECONDS = 15
 
 
 class ApiError(Exception):
@@ -60,6 +64,15 @@ def rate_limited(retry_after: int) -> ApiError:
     )
 
 
+def rates_unavailable() -> ApiError:
+    """Spec §11: no quote from a price older than the maximum age; nothing was created."""
+    return ApiError(
+        503,
+        {"error": "Exchange rates unavailable", "code": "rates_unavailable"},
+        {"Retry-After": str(RATES_RETRY_AFTER_SECONDS)},
+    )
+
+
 def invalid_state(message: str, code: str = "invalid_invoice_state") -> ApiError:
     return ApiError(400, {"errors": {"error": message, "code": code}})
 
@@ -88,6 +101,9 @@ def _from_exception(exc: Exception) -> ApiError | None:
                 {"error": "No deposit address available", "code": "no_address"},
                 {"Retry-After": "30"},
             )
+        case RatesUnavailable():
+            log.warning("rates_unavailable", currencies=list(exc.currencies))
+            return rates_unavailable()
         case ConcurrentModification():
             return ApiError(
                 503, {"error": "Invoice busy, retry", "code": "conflict"}, {"Retry-After": "1"}

@@ -118,7 +118,8 @@ async def currencies_list(request: web.Request) -> web.Response:
 async def currencies_rates(request: web.Request) -> web.Response:
     """Every crypto currency against every other currency."""
     await merchant_request(request, EmptyBody)
-    rates = request.app[appkeys.RATES]
+    # Current prices (live or the file's); stale ones answer 503 rates_unavailable.
+    rates = await request.app[appkeys.SERVICE].prices.current()
     codes = [c.code for c in rates.currencies()]
     pairs = [
         {

@@ -16,7 +16,7 @@ async def show(request: web.Request) -> web.Response:
     await public_rate_limit(request)
     service = request.app[appkeys.SERVICE]
     stored = await service.by_token(request.match_info["token"])
-    return data(views.public(stored.invoice, request.app[appkeys.RATES], service.now()))
+    return data(views.public(stored.invoice, await service.prices.current(), service.now()))
 
 
 async def confirm(request: web.Request) -> web.Response:
@@ -30,4 +30,4 @@ async def confirm(request: web.Request) -> web.Response:
     if body.email is None and stored.invoice.email is None:
         raise field_errors({"email": "This field is required."})
     invoice = await service.confirm(token, body.sender_currency, body.email)
-    return data(views.public(invoice, request.app[appkeys.RATES], service.now()))
+    return data(views.public(invoice, await service.prices.current(), service.now()))

@@ -50,6 +50,7 @@ from worker.domain.addresses import (
 from worker.domain.currencies import FileRateProvider, UnknownCurrency
 from worker.domain.machine import DomainError, InvalidState, remaining_amount
 from worker.domain.models import Invoice
+from worker.domain.prices import RatesUnavailable
 from worker.logs import get_logger
 from worker.services.invoices import ConcurrentModification, InvoiceNotFound
 
@@ -104,6 +105,8 @@ STATUS_TEXTS: dict[str, tuple[str, str]] = {
     "confirmed": ("Payment confirmed", "Thank you! Your payment is complete."),
     "failed": ("Payment failed", ""),
 }
+# What the customer reads while the exchange rates are too old to quote (spec §11).
+PRICES_UNAVAILABLE = "Prices are unavailable for now. Please try again in a few minutes."
 _CHOOSE_DETAIL = "Pick a currency and pay before the time runs out."
 _PARTIAL_DETAIL = "Part of your payment has arrived. Send the rest to the same address."
 
@@ -323,7 +326,7 @@ def _minutes_seconds(seconds: int | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
-def _invoice_context(
+async def _invoice_context(
     request: web.Request,
     invoice: Invoice,
     *,
@@ -333,7 +336,7 @@ def _invoice_context(
 ) -> dict[str, Any]:
     service = request.app[appkeys.SERVICE]
     rates = request.app[appkeys.RATES]
-    public = views.public(invoice, rates, service.now())
+    public = views.public(invoice, await service.prices.current(), service.now())
     status = public["status"]
     payment = _payment(invoice, rates)
     conditions = _conditions(public)
@@ -367,6 +370,9 @@ def _invoice_context(
         "choose": payment is None and live,
         "offers": offers,
         "fixed_rates": invoice.invoice_type == 2,
+        # Type 1 while the exchange rates are too old: no amounts to offer (spec §11).
+        "prices_unavailable": public["prices_unavailable"],
+        "prices_unavailable_text": PRICES_UNAVAILABLE,
         "chosen": chosen,
         "email": email,
         "email_required": invoice.email is None,
@@ -387,7 +393,7 @@ async def invoice_page(request: web.Request) -> web.Response:
     """`GET /invoice/{token}`: the page the merchant sends the customer to."""
     await public_rate_limit(request)
     stored = await request.app[appkeys.SERVICE].by_token(request.match_info["token"])
-    return render(request, "invoice.html", _invoice_context(request, stored.invoice))
+    return render(request, "invoice.html", await _invoice_context(request, stored.invoice))
 
 
 def _text_fields(posted: Mapping[str, object], *names: str) -> dict[str, str]:
@@ -422,8 +428,10 @@ async def invoice_confirm(request: web.Request) -> web.Response:
     stored = await service.by_token(token)
     invoice = stored.invoice
 
-    def again(status: int, error: str | None = None, **fields: str) -> web.Response:
-        context = _invoice_context(request, invoice, form=form, error=error, field_errors=fields)
+    async def again(status: int, error: str | None = None, **fields: str) -> web.Response:
+        context = await _invoice_context(
+            request, invoice, form=form, error=error, field_errors=fields
+        )
         return render(request, "invoice.html", context, status=status)
 
     try:
@@ -432,25 +440,27 @@ async def invoice_confirm(request: web.Request) -> web.Response:
         fields = {
             name: _CONFIRM_FIELD_TEXT.get(name, text) for name, text in describe_errors(exc).items()
         }
-        return again(400, None, **fields)
+        return await again(400, None, **fields)
     if invoice.address is None and not (body.sender_currency or invoice.sender_currency):
-        return again(400, None, sender_currency=_CONFIRM_FIELD_TEXT["sender_currency"])
+        return await again(400, None, sender_currency=_CONFIRM_FIELD_TEXT["sender_currency"])
     if body.email is None and invoice.email is None:
-        return again(400, None, email=_CONFIRM_FIELD_TEXT["email"])
+        return await again(400, None, email=_CONFIRM_FIELD_TEXT["email"])
     try:
         await service.confirm(token, body.sender_currency, body.email)
     except InvalidState:
         invoice = (await service.by_token(token)).invoice
-        return again(409, "This invoice can no longer be paid. See its status below.")
+        return await again(409, "This invoice can no longer be paid. See its status below.")
     except DomainError as exc:
-        return again(409, exc.message)
+        return await again(409, exc.message)
     except NoAddressAvailable:
         log.error("no_deposit_address", currency=body.sender_currency)
-        return again(
+        return await again(
             503, "We cannot hand out a payment address right now. Please try again in a minute."
         )
+    except RatesUnavailable:
+        return await again(503, PRICES_UNAVAILABLE)
     except ConcurrentModification:
-        return again(503, "The invoice was busy. Please try again.")
+        return await again(503, "The invoice was busy. Please try again.")
     return _see_other(request.path)
 
 
