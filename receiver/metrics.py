@@ -56,7 +56,8 @@ class RatesCollector(Collector):
         )
         for symbol, seconds in self.prices:
             price_age.add_metric([symbol], seconds)
-        yield from (age, errors, price_age)
+        # Nothing at all with the rates file: there is no source to report on.
+        yield from (family for family in (age, errors, price_age) if family.samples)
 
 
 class Metrics:

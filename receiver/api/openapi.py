@@ -24,6 +24,7 @@ class Doc:
     auth: str | None = None  # "merchant" | "processing" | None
     body: type[BaseModel] | None = None
     public_limit: bool = False  # per-address rate limit (customer endpoints)
+    quotes: bool = False  # needs current prices: 503 rates_unavailable when they are stale
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -36,7 +37,10 @@ def _error(description: str) -> dict[str, Any]:
 DOCS: dict[str, Doc] = {
     "ping": Doc("Liveness of the API; no authentication."),
     "create": Doc(
-        "Create an invoice (types 1–3 by `timer` and `sender_currency`).", "merchant", CreateInvoice
+        "Create an invoice (types 1–3 by `timer` and `sender_currency`).",
+        "merchant",
+        CreateInvoice,
+        quotes=True,
     ),
     "cancel": Doc(
         "Cancel an invoice in created/pending/processing: it fails.", "merchant", EmptyBody
@@ -54,10 +58,13 @@ DOCS: dict[str, Doc] = {
     ),
     "accounts": Doc("The merchant's balances per currency.", "merchant", EmptyBody),
     "currencies": Doc("Supported currencies with type and precision.", "merchant", EmptyBody),
-    "rates": Doc("Exchange rates from each crypto currency.", "merchant", EmptyBody),
+    "rates": Doc("Exchange rates from each crypto currency.", "merchant", EmptyBody, quotes=True),
     "public_invoice": Doc("The customer's view of an invoice (no secrets).", public_limit=True),
     "public_confirm": Doc(
-        "The customer confirms a currency and an e-mail.", body=ConfirmInvoice, public_limit=True
+        "The customer confirms a currency and an e-mail.",
+        body=ConfirmInvoice,
+        public_limit=True,
+        quotes=True,
     ),
     "processing_callback": Doc(
         "A deposit transaction update from the processing layer; 200 once durably queued.",
@@ -110,6 +117,14 @@ def _operation(name: str, doc: Doc, method: str, path: str) -> dict[str, Any]:
     if doc.auth == "merchant" or doc.public_limit:
         responses["429"] = {
             **_error("Rate limited; retry after the `Retry-After` seconds."),
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        }
+    if doc.quotes:
+        responses["503"] = {
+            **_error(
+                "`rates_unavailable`: the exchange rates are older than "
+                "COINVOICE_RATES_MAX_AGE_SECONDS; nothing was created or changed."
+            ),
             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
         }
     if "foreign_id" in path or doc.body is ForeignIdBody or "token" in path:

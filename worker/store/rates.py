@@ -143,17 +143,19 @@ class RedisPrices:
         catalog: FileRateProvider,
         max_age_seconds: int,
         clock: Callable[[], float] = time.time,
+        cache_seconds: float = CACHE_SECONDS,
     ) -> None:
         self.redis = redis
         self.catalog = catalog
         self.max_age_seconds = max_age_seconds
         self.clock = clock
+        self.cache_seconds = cache_seconds
         self._cached: dict[str, Price] = {}
         self._read_at: float | None = None
 
     async def current(self) -> RateProvider:
         now = self.clock()
-        if self._read_at is None or not 0 <= now - self._read_at < CACHE_SECONDS:
+        if self._read_at is None or not 0 <= now - self._read_at < self.cache_seconds:
             self._cached = await read_prices(self.redis)
             self._read_at = now
         return LiveRates(self.catalog, self._cached, int(now), self.max_age_seconds)
