@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from receiver import appkeys
 from receiver.app import create_app
 from tests.browser import (
     CHROMIUM_ARGS,
@@ -33,7 +35,11 @@ from tests.browser import (
     screenshot,
 )
 from tests.support import PROCESSING_SECRET, deposit, make_settings
+from worker.domain.currencies import FileRateProvider
 from worker.domain.events import TimerFired
+from worker.domain.prices import Price
+from worker.store import keys
+from worker.store.rates import RatesLead, RedisPrices
 from worker.store.redis_server import RedisServer
 
 # One receiver, one browser and one event loop for the module: launching
@@ -564,3 +570,43 @@ async def test_confirming_works_without_javascript(
         assert r.status == 409
         assert "Currency DOGE is not offered for this invoice." in await r.text()
     assert (await live.public(other))["address"] is None
+
+
+async def test_type1_page_says_prices_are_unavailable_until_they_are_back(
+    live: Live, page: Page
+) -> None:
+    """Live rates too old: the page says so instead of amounts, and offers them once back."""
+    created = await live.create(foreign_id("no-prices"), timer=False)
+    token = token_of(created)
+    redis = live.app[appkeys.REDIS]
+    # This receiver runs on the rates file; for this test its prices come from an empty table.
+    file_prices = live.service.prices
+    live.service.prices = RedisPrices(redis, FileRateProvider.load(), 120, cache_seconds=0)
+    try:
+        await page.goto(invoice_url(live, token))
+        await expect(page.locator("#prices-unavailable")).to_have_text(
+            "Prices are unavailable for now. Please try again in a few minutes."
+        )
+        await expect(page.get_by_role("button", name="Continue to payment")).to_have_count(0)
+        await screenshot(page, "type1-prices-unavailable")
+
+        lead = RatesLead(redis, "pages-test")
+        assert await lead.take(60_000)
+        now = int(time.time())
+        demo = {
+            "BTC": "64000",
+            "BCH": "380",
+            "LTC": "82",
+            "ETH": "3100",
+            "USDT": "1",
+            "EUR": "1.08",
+        }
+        assert await lead.publish(
+            {symbol: Price(Decimal(price), now, ("test",)) for symbol, price in demo.items()}
+        )
+        await poll_now(page)  # the next poll sees prices again and the page reloads
+        await expect(page.locator(".offer")).to_have_count(5)
+        await expect(page.get_by_role("button", name="Continue to payment")).to_be_visible()
+    finally:
+        live.service.prices = file_prices
+        await redis.delete(keys.RATES, keys.RATES_LEADER)

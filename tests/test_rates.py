@@ -24,6 +24,7 @@ from worker.domain.currencies import FileRateProvider
 from worker.domain.money import div
 from worker.domain.prices import LiveRates, Price, RatesUnavailable, combine
 from worker.rates.refresher import Refresher
+from worker.rates.sources import Coinbase
 from worker.store import keys
 from worker.store.rates import read_prices, source_health
 from worker.store.redis_server import RedisServer
@@ -246,6 +247,7 @@ async def test_a_malformed_answer_is_a_source_error(
         b'{"error": [], "result": {"XXBTZUSD": {"c": [64000.5, "1"]}}}',
         b'{"error": [], "result": []}',
         b"[1, 2]",
+        b'{"error": [], "result": {"XXBTZUSD": {"c": ["1e999999", "1"]}}}',
     ],
 )
 async def test_an_unusable_kraken_answer_prices_nothing(
@@ -255,7 +257,7 @@ async def test_an_unusable_kraken_answer_prices_nothing(
     refreshers: Callable[..., Refresher],
     body: bytes,
 ) -> None:
-    """Errors, negative or non-finite prices, wrong shapes: refused (a JSON number is fine)."""
+    """Errors, absurd or non-finite prices, wrong shapes: refused (a JSON number is fine)."""
     replay.bodies["kraken"] = body
     settings = replay.settings(redis_server.url, rates_sources=("kraken",))
     refresh = await refreshers(settings).tick()
@@ -266,6 +268,25 @@ async def test_an_unusable_kraken_answer_prices_nothing(
     else:
         assert "kraken" in refresh.failed
         assert await read_prices(redis) == {}
+
+
+async def test_a_bug_in_one_sources_parser_fails_only_that_source(
+    redis: aioredis.Redis,
+    redis_server: RedisServer,
+    replay: Replay,
+    refreshers: Callable[..., Refresher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An error no check foresaw fails Coinbase for the round; the others still price BTC."""
+
+    async def broken(self: object, ask: object) -> dict[str, Decimal]:
+        raise ZeroDivisionError
+
+    monkeypatch.setattr(Coinbase, "read", broken)
+    refresh = await refreshers(replay.settings(redis_server.url)).tick()
+    assert refresh is not None
+    assert refresh.failed == {"coinbase": "unreadable answer: ZeroDivisionError"}
+    assert (await read_prices(redis))["BTC"].sources == ("bitstamp", "kraken")
 
 
 async def test_a_diverging_source_is_dropped_and_logged(

@@ -71,6 +71,14 @@ class Refresher:
         interval = settings.rates_refresh_seconds
         lease = max(LEASE_INTERVALS * interval, interval + settings.rates_timeout_seconds + 1)
         self.lease_ms = int(lease * 1000)
+        if lease > settings.rates_max_age_seconds:
+            # A dead leader would then leave prices to age out before another takes over.
+            log.warning(
+                "rates_lease_longer_than_max_age",
+                lease_seconds=lease,
+                max_age_seconds=settings.rates_max_age_seconds,
+                hint="lower COINVOICE_RATES_REFRESH_SECONDS",
+            )
         self._session: aiohttp.ClientSession | None = None
 
     async def run(self) -> None:
@@ -165,6 +173,12 @@ class Refresher:
             return str(exc)
         except aiohttp.ClientError as exc:
             return f"request failed: {type(exc).__name__}"
+        except Exception as exc:
+            # An answer no check foresaw (say, a price so extreme that its inverse
+            # overflows) is that source's problem for this round; it must never end
+            # the loop, or every price would age out.
+            log.exception("rate_source_unreadable", source=source.name)
+            return f"unreadable answer: {type(exc).__name__}"
 
     async def _get(self, url: str) -> bytes:
         if self._session is None:

@@ -41,6 +41,10 @@ Get = Callable[[str], Awaitable[bytes]]
 # closed) Thursday's rates are still the newest on Tuesday morning (days).
 ECB_MAX_AGE_DAYS = 5
 ECB_NS = "{http://www.ecb.int/vocabulary/2002-08-01/eurofxref}"
+# Any price (or Coinbase's units per dollar) outside these bounds is a broken
+# answer, not a market: it would also write a million-digit decimal into Redis.
+MIN_NUMBER = Decimal("1e-12")
+MAX_NUMBER = Decimal("1e12")
 
 
 class SourceError(Exception):
@@ -78,6 +82,8 @@ def positive(value: object, what: str) -> Decimal:
         raise SourceError(f"{what}: not a number") from None
     if not number.is_finite() or number <= 0:
         raise SourceError(f"{what}: not a positive number")
+    if not MIN_NUMBER <= number <= MAX_NUMBER:
+        raise SourceError(f"{what}: out of range")
     return number
 
 
