@@ -9,6 +9,7 @@ the rates file (prices in one base unit, every pair derived from them).
 from __future__ import annotations
 
 import tomllib
+import zlib
 from dataclasses import dataclass
 from decimal import Context, Decimal
 from enum import StrEnum
@@ -36,6 +37,30 @@ class Currency:
     precision: int
     # BIP21-style URI scheme for QR codes ("bitcoin:addr?amount=…"), where one exists.
     uri_scheme: str | None = None
+    # `id` of `currencies/list`: stable across restarts and receivers (0: derived from the code).
+    id: int = 0
+    # Smallest invoice amount in this currency (None: one unit of its last decimal).
+    minimum_amount: Decimal | None = None
+    # Hidden currencies keep their rates and balances but are not offered for new invoices.
+    visible: bool = True
+
+    @property
+    def stable_id(self) -> int:
+        """The configured id, else one derived from the code (the same in every process)."""
+        return self.id or zlib.crc32(self.code.encode())
+
+    @property
+    def minimum(self) -> Decimal:
+        """The smallest amount an invoice in this currency may ask for."""
+        if self.minimum_amount is not None:
+            return self.minimum_amount
+        return Decimal(1).scaleb(-self.precision)
+
+
+def _flag(code: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"visible of {code} must be true or false")
+    return value
 
 
 class UnknownCurrency(LookupError):
@@ -72,7 +97,18 @@ class FileRateProvider:
         for code, entry in table.items():
             kind = CurrencyType(entry["type"])
             precision = int(entry.get("precision", 8 if kind is CurrencyType.CRYPTO else 2))
-            currencies.append(Currency(code, kind, precision, entry.get("uri_scheme")))
+            minimum = entry.get("minimum_amount")
+            currencies.append(
+                Currency(
+                    code,
+                    kind,
+                    precision,
+                    entry.get("uri_scheme"),
+                    id=int(entry.get("id", 0)),
+                    minimum_amount=None if minimum is None else Decimal(str(minimum)),
+                    visible=_flag(code, entry.get("visible", True)),
+                )
+            )
             price = Decimal(str(entry["price"]))
             if price <= ZERO:
                 raise ValueError(f"price of {code} must be positive")
@@ -96,8 +132,8 @@ class FileRateProvider:
 
 
 def crypto_codes(rates: RateProvider) -> tuple[str, ...]:
-    """The currencies a customer can pay in."""
-    return tuple(c.code for c in rates.currencies() if c.type is CurrencyType.CRYPTO)
+    """The currencies a customer can pay in (hidden ones are not offered)."""
+    return tuple(c.code for c in rates.currencies() if c.type is CurrencyType.CRYPTO and c.visible)
 
 
 def quote(rates: RateProvider, currency: str, amount: Decimal, sender_currency: str) -> Quote:
