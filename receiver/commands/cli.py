@@ -78,7 +78,10 @@ async def _check(settings: Settings) -> int:
 
 
 def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
-    problem = callback_url_problem(args.callback_url, settings.allow_private_callbacks)
+    # Without COINVOICE_REDIS_URL the merchant goes into the Redis of a running
+    # `coinvoice up`, whose worker delivers to private addresses (its demo does).
+    allow_private = settings.allow_private_callbacks or not settings.redis_url
+    problem = callback_url_problem(args.callback_url, allow_private)
     if problem is not None:
         print(f"coinvoice: --callback-url {args.callback_url}: {problem}", file=sys.stderr)
         if problem.startswith("refused"):
@@ -169,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--callback-url",
         required=True,
         help="http(s) URL that receives the signed invoice callbacks; a private or loopback "
-        "address is refused unless COINVOICE_ALLOW_PRIVATE_CALLBACKS is set",
+        "address is refused unless COINVOICE_ALLOW_PRIVATE_CALLBACKS is set (or the "
+        "merchant goes into a running `coinvoice up`, whose worker allows them)",
     )
     add.add_argument("--key", help="public key, sent as X-Processing-Key (generated when absent)")
     add.add_argument(
