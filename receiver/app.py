@@ -12,7 +12,7 @@ from receiver.api.errors import error_middleware
 from receiver.health import LIFECYCLE, Lifecycle, mark_shutting_down
 from receiver.metrics import METRICS, Metrics, metrics_middleware
 from receiver.routes import setup_routes
-from worker.app.runtime import invoice_service, redis_url
+from worker.app.runtime import invoice_service, redis_url, warn_if_demo_keys
 from worker.config import MAX_BODY_BYTES, Settings
 from worker.ingest.enqueue import Enqueuer
 from worker.logs import configure_logging, get_logger
@@ -34,6 +34,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[appkeys.ENQUEUER] = Enqueuer(redis)
     if settings.uses_demo_processing_secret:
         log.warning("demo_processing_secret", hint="set COINVOICE_PROCESSING_SECRET in production")
+    warn_if_demo_keys(settings)
     yield
     await redis.aclose()
 

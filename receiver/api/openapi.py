@@ -15,7 +15,14 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from receiver.api.processing import ProcessingCallback
-from receiver.api.schemas import ConfirmInvoice, CreateInvoice, EmptyBody, ForeignIdBody
+from receiver.api.schemas import (
+    ConfirmInvoice,
+    CreateInvoice,
+    CurrenciesFilter,
+    EmptyBody,
+    ForeignIdBody,
+    PairsFilter,
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,7 @@ def _error(description: str) -> dict[str, Any]:
 
 
 DOCS: dict[str, Doc] = {
-    "ping": Doc("Liveness of the API; no authentication."),
+    "ping": Doc("Liveness of the API; no authentication; the plain-text body `OK`."),
     "create": Doc(
         "Create an invoice (types 1–3 by `timer` and `sender_currency`).",
         "merchant",
@@ -56,9 +63,26 @@ DOCS: dict[str, Doc] = {
     "redeliver": Doc(
         "Deliver the newest snapshot again now (dead-lettered too).", "merchant", ForeignIdBody
     ),
-    "accounts": Doc("The merchant's balances per currency.", "merchant", EmptyBody),
-    "currencies": Doc("Supported currencies with type and precision.", "merchant", EmptyBody),
-    "rates": Doc("Exchange rates from each crypto currency.", "merchant", EmptyBody, quotes=True),
+    "accounts": Doc(
+        "The merchant's balance in every currency, zeros included.", "merchant", EmptyBody
+    ),
+    "currencies": Doc(
+        "Currencies with id, type, minimum amount, fee percents and precision.",
+        "merchant",
+        CurrenciesFilter,
+    ),
+    "pairs": Doc(
+        "Exchangeable pairs (from each crypto currency), filtered by currency_from/currency_to.",
+        "merchant",
+        PairsFilter,
+        quotes=True,
+    ),
+    "rates": Doc(
+        "The current rate of each pair, filtered by currency_from/currency_to.",
+        "merchant",
+        PairsFilter,
+        quotes=True,
+    ),
     "public_invoice": Doc("The customer's view of an invoice (no secrets).", public_limit=True),
     "public_confirm": Doc(
         "The customer confirms a currency and an e-mail.",

@@ -39,7 +39,8 @@ async def read_body(request: web.Request) -> bytes:
 def parse_json(request: web.Request, body: bytes) -> dict[str, Any]:
     """A JSON object body; numbers with a fraction become Decimal, never float.
 
-    An empty body counts as `{}` (the endpoints without fields), whatever its type.
+    An empty body counts as `{}` (the endpoints without fields), whatever its type;
+    so do `[]` and `null`, which client libraries send for "no parameters" (spec §6).
     """
     if not body.strip():
         return {}
@@ -49,6 +50,8 @@ def parse_json(request: web.Request, body: bytes) -> dict[str, Any]:
         data = json.loads(body, parse_float=Decimal)
     except (ValueError, UnicodeDecodeError):
         raise bad_content() from None
+    if data is None or data == []:
+        return {}
     if not isinstance(data, dict):
         raise bad_content()
     return data

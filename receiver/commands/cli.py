@@ -13,9 +13,9 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import urlsplit
 
 from receiver.commands import operator, simulate
+from receiver.commands.merchant import PRIVATE_HINT, callback_url_problem
 from worker.app.runtime import RedisUrlMissing, redis_url
 from worker.config import Settings, load_settings
 from worker.logs import configure_logging
@@ -78,11 +78,14 @@ async def _check(settings: Settings) -> int:
 
 
 def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
-    if (
-        urlsplit(args.callback_url).scheme not in ("http", "https")
-        or not urlsplit(args.callback_url).netloc
-    ):
-        print("coinvoice: --callback-url must be an http(s) URL", file=sys.stderr)
+    # Without COINVOICE_REDIS_URL the merchant goes into the Redis of a running
+    # `coinvoice up`, whose worker delivers to private addresses (its demo does).
+    allow_private = settings.allow_private_callbacks or not settings.redis_url
+    problem = callback_url_problem(args.callback_url, allow_private)
+    if problem is not None:
+        print(f"coinvoice: --callback-url {args.callback_url}: {problem}", file=sys.stderr)
+        if problem.startswith("refused"):
+            print(f"coinvoice: {PRIVATE_HINT}", file=sys.stderr)
         return 2
     merchant = make_merchant(
         args.name,
@@ -164,14 +167,36 @@ def build_parser() -> argparse.ArgumentParser:
     merchant = commands.add_parser("merchant", help="merchant accounts")
     merchant_commands = merchant.add_subparsers(dest="merchant_command", required=True)
     add = merchant_commands.add_parser("add", help="register a merchant; prints its keys as JSON")
-    add.add_argument("--name", required=True)
-    add.add_argument("--callback-url", required=True)
-    add.add_argument("--key", help="public key (generated when absent)")
-    add.add_argument("--secret", help="signing secret (generated when absent)")
-    add.add_argument("--fee-percent", type=_decimal, default=Decimal(1))
-    add.add_argument("--underpayment-tolerance-percent", type=_decimal, default=Decimal(0))
+    add.add_argument("--name", required=True, help="the merchant's name, for operators")
     add.add_argument(
-        "--standard-webhooks", action="store_true", help="also sign the Standard Webhooks way"
+        "--callback-url",
+        required=True,
+        help="http(s) URL that receives the signed invoice callbacks; a private or loopback "
+        "address is refused unless COINVOICE_ALLOW_PRIVATE_CALLBACKS is set (or the "
+        "merchant goes into a running `coinvoice up`, whose worker allows them)",
+    )
+    add.add_argument("--key", help="public key, sent as X-Processing-Key (generated when absent)")
+    add.add_argument(
+        "--secret", help="secret that signs requests and callbacks (generated when absent)"
+    )
+    add.add_argument(
+        "--fee-percent",
+        type=_decimal,
+        default=Decimal(1),
+        metavar="P",
+        help="fee charged on each confirmed invoice, percent of the credited amount (default: 1)",
+    )
+    add.add_argument(
+        "--underpayment-tolerance-percent",
+        type=_decimal,
+        default=Decimal(0),
+        metavar="T",
+        help="a payment this many percent short still confirms the invoice (default: 0)",
+    )
+    add.add_argument(
+        "--standard-webhooks",
+        action="store_true",
+        help="also sign callbacks with Standard Webhooks headers; prints the whsec_ secret",
     )
     add.set_defaults(func=cmd_merchant_add)
 
@@ -180,15 +205,40 @@ def build_parser() -> argparse.ArgumentParser:
     deposit = simulate_commands.add_parser(
         "deposit", help="send a signed processing callback for a deposit to ADDRESS"
     )
-    deposit.add_argument("--address", required=True)
-    deposit.add_argument("--amount", required=True)
+    deposit.add_argument("--address", required=True, help="the invoice's deposit address")
     deposit.add_argument(
-        "--status", choices=["not_confirmed", "confirmed", "cancelled"], default="not_confirmed"
+        "--amount", required=True, help="amount paid, in the address's currency (e.g. 0.0018)"
     )
-    deposit.add_argument("--confirmations", type=int, default=0)
-    deposit.add_argument("--tx-id", type=int, help="processing transaction id (generated)")
-    deposit.add_argument("--txid", help="chain transaction hash (generated)")
-    deposit.add_argument("--compliance", choices=["clear", "flagged"], default="clear")
+    deposit.add_argument(
+        "--status",
+        choices=["not_confirmed", "confirmed", "cancelled"],
+        default="not_confirmed",
+        help="not_confirmed: seen in the mempool (default); confirmed: final; "
+        "cancelled: dropped or replaced",
+    )
+    deposit.add_argument(
+        "--confirmations", type=int, default=0, help="block confirmations so far (default: 0)"
+    )
+    deposit.add_argument(
+        "--tx-id",
+        type=int,
+        metavar="ID",
+        help="the processing layer's transaction id (a number). Send the same --tx-id again "
+        "to update that transaction, e.g. to confirm it; a new one is a second payment "
+        "(generated when absent and printed)",
+    )
+    deposit.add_argument(
+        "--txid",
+        metavar="HASH",
+        help="the blockchain transaction hash, as an explorer shows it; not the same as "
+        "--tx-id (random when absent)",
+    )
+    deposit.add_argument(
+        "--compliance",
+        choices=["clear", "flagged"],
+        default="clear",
+        help="flagged: compliance flagged the payment (a pending or processing invoice fails)",
+    )
     deposit.add_argument("--currency", help="the address's currency (looked up when absent)")
     deposit.add_argument("--observed-at", type=int, help="unix seconds (default: now)")
     deposit.add_argument("--url", help="receiver base URL (default: COINVOICE_PUBLIC_URL)")
@@ -200,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     invoice = commands.add_parser("invoice", help="operator views of invoices")
     invoice_commands = invoice.add_subparsers(dest="invoice_command", required=True)
     show = invoice_commands.add_parser("show", help="an invoice with its delivery state (JSON)")
-    show.add_argument("foreign_id")
+    show.add_argument("foreign_id", help="the merchant's foreign_id of the invoice")
     show.add_argument("--merchant", required=True, help="the merchant key")
     show.set_defaults(func=cmd_invoice_show)
 
@@ -209,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     again = callbacks_commands.add_parser(
         "redeliver", help="deliver the newest snapshot again now (dead-lettered too)"
     )
-    again.add_argument("foreign_id")
+    again.add_argument("foreign_id", help="the merchant's foreign_id of the invoice")
     again.add_argument("--merchant", required=True, help="the merchant key")
     again.set_defaults(func=cmd_callbacks_redeliver)
     return parser

@@ -26,7 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
-from worker.app.runtime import invoice_service, redis_url
+from worker.app.runtime import invoice_service, redis_url, warn_if_demo_keys
 from worker.config import Settings
 from worker.ingest.consumer import Ingest
 from worker.logs import configure_logging, get_logger
@@ -137,6 +137,7 @@ async def startup(ctx: Context) -> None:
     redis = connect(redis_url(settings))
     ctx["store_redis"] = redis
     ctx["service"] = invoice_service(redis, settings)
+    warn_if_demo_keys(settings)
     ctx["name"] = worker_name()
     ctx["ingest"] = Ingest(
         redis,

@@ -58,10 +58,6 @@ def invoice_service(redis: Redis, settings: Settings) -> InvoiceService:
     policy = policy_from(settings)
     rates = FileRateProvider.load(settings.rates_file)
     xpubs = xpubs_for(settings.xpubs)
-    demo = demo_key_currencies(xpubs)
-    if demo:
-        # Anybody can spend from the demo keys' addresses: fine for a laptop, never for money.
-        log.warning("demo_extended_keys_in_use", currencies=list(demo), hint="set COINVOICE_XPUBS")
     pool = read_pool_file(settings.address_pool_file) if settings.address_pool_file else None
     addresses = RedisAddressProvider(redis, xpubs, pool)
     return InvoiceService(
@@ -71,3 +67,14 @@ def invoice_service(redis: Redis, settings: Settings) -> InvoiceService:
         policy,
         prices=price_feed(redis, settings, rates),
     )
+
+
+def warn_if_demo_keys(settings: Settings) -> None:
+    """Warn once per process that derives deposit addresses (receiver, worker) from demo keys.
+
+    Anybody can spend from the demo keys' addresses: fine for a laptop, never for money.
+    Operator commands derive nothing, so they stay quiet.
+    """
+    demo = demo_key_currencies(xpubs_for(settings.xpubs))
+    if demo:
+        log.warning("demo_extended_keys_in_use", currencies=list(demo), hint="set COINVOICE_XPUBS")

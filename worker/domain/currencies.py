@@ -12,6 +12,7 @@ Redis (worker/store/rates.py, over `worker.domain.prices.LiveRates`).
 from __future__ import annotations
 
 import tomllib
+import zlib
 from dataclasses import dataclass
 from decimal import Context, Decimal
 from enum import StrEnum
@@ -41,11 +42,35 @@ class Currency:
     uri_scheme: str | None = None
     # The symbol markets price it under (USDTT, USDT on Tron, trades as USDT); "" = `code`.
     market_symbol: str = ""
+    # `id` of `currencies/list`: stable across restarts and receivers (0: derived from the code).
+    id: int = 0
+    # Smallest invoice amount in this currency (None: one unit of its last decimal).
+    minimum_amount: Decimal | None = None
+    # Hidden currencies keep their rates and balances but are not offered for new invoices.
+    visible: bool = True
 
     @property
     def market(self) -> str:
         """The symbol market sources quote this currency under."""
         return self.market_symbol or self.code
+
+    @property
+    def stable_id(self) -> int:
+        """The configured id, else one derived from the code (the same in every process)."""
+        return self.id or zlib.crc32(self.code.encode())
+
+    @property
+    def minimum(self) -> Decimal:
+        """The smallest amount an invoice in this currency may ask for."""
+        if self.minimum_amount is not None:
+            return self.minimum_amount
+        return Decimal(1).scaleb(-self.precision)
+
+
+def _flag(code: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"visible of {code} must be true or false")
+    return value
 
 
 class UnknownCurrency(LookupError):
@@ -90,8 +115,18 @@ class FileRateProvider:
         for code, entry in table.items():
             kind = CurrencyType(entry["type"])
             precision = int(entry.get("precision", 8 if kind is CurrencyType.CRYPTO else 2))
+            minimum = entry.get("minimum_amount")
             currencies.append(
-                Currency(code, kind, precision, entry.get("uri_scheme"), entry.get("market", ""))
+                Currency(
+                    code,
+                    kind,
+                    precision,
+                    entry.get("uri_scheme"),
+                    market_symbol=entry.get("market", ""),
+                    id=int(entry.get("id", 0)),
+                    minimum_amount=None if minimum is None else Decimal(str(minimum)),
+                    visible=_flag(code, entry.get("visible", True)),
+                )
             )
             price = Decimal(str(entry["price"]))
             if price <= ZERO:
@@ -126,8 +161,8 @@ class FixedPrices:
 
 
 def crypto_codes(rates: RateProvider) -> tuple[str, ...]:
-    """The currencies a customer can pay in."""
-    return tuple(c.code for c in rates.currencies() if c.type is CurrencyType.CRYPTO)
+    """The currencies a customer can pay in (hidden ones are not offered)."""
+    return tuple(c.code for c in rates.currencies() if c.type is CurrencyType.CRYPTO and c.visible)
 
 
 def quote(rates: RateProvider, currency: str, amount: Decimal, sender_currency: str) -> Quote:

@@ -14,6 +14,8 @@ from redis.asyncio import Redis
 
 from worker.domain import machine
 from worker.domain.events import TransactionUpdate
+from worker.domain.models import Invoice
+from worker.domain.money import ZERO, fmt8
 from worker.domain.snapshot import snapshot
 from worker.store import keys
 from worker.store.codec import load_update
@@ -69,6 +71,25 @@ async def orphans(redis: Redis) -> list[dict[str, Any]]:
     return out
 
 
+def settlement(invoice: Invoice) -> dict[str, str] | None:
+    """What a confirmed invoice put on the merchant's balance: gross, fee, net; None before.
+
+    `gross` is the payment exchanged into the invoice currency (the invoice amount when
+    fully paid); the fee is charged on it, and `net` is what the balance grew by.
+    """
+    if invoice.credited is None:
+        return None
+    fee = invoice.fee or ZERO
+    return {
+        "currency": invoice.currency,
+        "gross": fmt8(invoice.credited),
+        "fee": fmt8(fee),
+        "net": fmt8(invoice.credited - fee),
+        "meaning": "gross: the payment exchanged into the invoice currency, before the fee; "
+        "net = gross - fee: what reached the merchant's balance",
+    }
+
+
 async def invoice_details(redis: Redis, stored: Stored) -> dict[str, Any]:
     """The merchant's view of one invoice plus what only operators see."""
     invoice = stored.invoice
@@ -81,7 +102,7 @@ async def invoice_details(redis: Redis, stored: Stored) -> dict[str, Any]:
         "payment_type": invoice.payment_type.value,
         "email": invoice.email,
         "timer_fires_at": None if timer is None else int(timer),
-        "credited": None if invoice.credited is None else str(invoice.credited),
+        "credited": settlement(invoice),
         "mails": {k.decode(): json.loads(v) for k, v in mails.items()},
         "callbacks": await delivery_log(redis, invoice),
     }
