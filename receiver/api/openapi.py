@@ -70,7 +70,11 @@ DOCS: dict[str, Doc] = {
     "openapi": Doc("This document."),
     "invoice_page": Doc("The hosted invoice page (HTML).", public_limit=True),
     "invoice_confirm": Doc("The invoice page's confirm form (HTML form post).", public_limit=True),
-    "refund_page": Doc("The refund page linked from the e-mails (HTML).", public_limit=True),
+    "refund_page": Doc(
+        "The refund page, named by the refund token that only the refund and payback "
+        "e-mails carry (HTML); 404 before a refund or payback is owed.",
+        public_limit=True,
+    ),
     "refund_submit": Doc(
         "Store the customer's refund address (HTML form post).", public_limit=True
     ),

@@ -38,6 +38,11 @@ def token(public_token: str) -> str:
     return f"{PREFIX}tok:{public_token}"
 
 
+def refund_token(token: str) -> str:
+    """Refund page token → invoice id; written with the first refund/payback e-mail."""
+    return f"{PREFIX}rtok:{token}"
+
+
 def address(currency: str, addr: str) -> str:
     return f"{PREFIX}addr:{currency}:{addr}"
 
