@@ -92,6 +92,7 @@ def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
         fee_percent=args.fee_percent,
         underpayment_tolerance_percent=args.underpayment_tolerance_percent,
         standard_webhooks=args.standard_webhooks,
+        require_timestamp=args.require_timestamp,
     )
 
     async def add() -> int:
@@ -117,6 +118,8 @@ def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
         }
         if merchant.standard_webhooks_secret:
             payload["standard_webhooks_secret"] = merchant.standard_webhooks_secret
+        if merchant.require_timestamp:
+            payload["require_timestamp"] = True
         _print_json(payload)
     return status
 
@@ -172,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--underpayment-tolerance-percent", type=_decimal, default=Decimal(0))
     add.add_argument(
         "--standard-webhooks", action="store_true", help="also sign the Standard Webhooks way"
+    )
+    add.add_argument(
+        "--require-timestamp",
+        action="store_true",
+        help="replay protection: requests must sign X-Processing-Timestamp and are accepted once",
     )
     add.set_defaults(func=cmd_merchant_add)
 

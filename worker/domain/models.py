@@ -176,6 +176,8 @@ class Merchant:
     fee_percent: Decimal = Decimal(1)
     underpayment_tolerance_percent: Decimal = Decimal(0)
     standard_webhooks_secret: str | None = None
+    # Opt-in replay protection: requests carry X-Processing-Timestamp inside the MAC.
+    require_timestamp: bool = False
 
     @property
     def terms(self) -> Terms:

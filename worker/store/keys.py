@@ -80,5 +80,10 @@ def mails(invoice_id: int) -> str:
     return f"{PREFIX}mails:{invoice_id}"
 
 
+def seen_signature(merchant_key: str, digest: str) -> str:
+    """A timestamped request's signature, remembered while its timestamp is in the window."""
+    return f"{PREFIX}seen:{merchant_key}:{digest}"
+
+
 def rate_limit(scope: str, who: str, second: int) -> str:
     return f"{PREFIX}rl:{scope}:{who}:{second}"
