@@ -46,6 +46,11 @@ def replayed() -> ApiError:
     return ApiError(403, {"error": "Request already received", "code": "replayed_request"})
 
 
+def cross_site() -> ApiError:
+    """A browser named another site as the page this request came from (spec §7)."""
+    return ApiError(403, {"error": "Cross-site request refused", "code": "cross_site"})
+
+
 def bad_content() -> ApiError:
     return ApiError(400, {"error": "Bad content format", "code": "bad_content_format"})
 

@@ -6,15 +6,11 @@ from aiohttp import web
 
 from receiver import appkeys
 from receiver.api import views
-from receiver.api.errors import ApiError, field_errors
+from receiver.api.errors import cross_site, field_errors
 from receiver.api.merchant import data
 from receiver.api.requests import parse_json, public_rate_limit, read_body, validate
 from receiver.api.schemas import ConfirmInvoice
 from receiver.pages.csrf import foreign
-
-
-def cross_site() -> ApiError:
-    return ApiError(403, {"error": "Cross-site request refused", "code": "cross_site"})
 
 
 async def show(request: web.Request) -> web.Response:
