@@ -268,12 +268,12 @@ async def test_same_origin_post_passes(
     assert (await stored(service, created["id"])).email == "buyer@example.com"
 
 
-async def test_form_cookie_is_strict_and_http_only(client: Client, merchant: Merchant) -> None:
+async def test_form_cookie_is_same_site_and_http_only(client: Client, merchant: Merchant) -> None:
     """The anti-forgery cookie is never sent by a cross-site post, nor read by scripts."""
     created = await create(client, merchant, "cookie", timer=False)
     response = await client.get(f"/invoice/{token_of(created)}")
     cookie = response.cookies[csrf.COOKIE]
-    assert cookie["samesite"] == "Strict"
+    assert cookie["samesite"] == "Lax"  # explicit Lax: no cross-site POST carries it
     assert cookie["httponly"]
     assert cookie["path"] == "/"
 

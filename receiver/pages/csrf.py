@@ -7,11 +7,13 @@ Two checks, both needed:
   browser posts our own forms with `Origin: null` and no Referer: those (and
   clients that send neither) are left to the token.
 * **An anti-forgery token (double submit).** Every page sets a random token in
-  a `SameSite=Strict`, `HttpOnly` cookie and repeats it in a hidden form field;
-  a post must carry both, equal. A browser never sends a Strict cookie with a
-  post started by another site, so a forged form (even from a sandboxed frame
-  whose Origin is `null`) cannot match it. Stateless: any receiver behind the
-  load balancer checks it without Redis.
+  a `SameSite=Lax`, `HttpOnly` cookie and repeats it in a hidden form field;
+  a post must carry both, equal. A browser never sends a Lax cookie with a
+  POST started by another site, so a forged form (even from a sandboxed frame
+  whose Origin is `null`) cannot match it. Lax rather than Strict: the cookie
+  still comes along when the customer follows the e-mailed link from a
+  webmail, so a page open in another tab keeps its token. Stateless: any
+  receiver behind the load balancer checks it without Redis.
 
 The token protects the customer's browser. It is no secret from whoever holds
 the page link (they can read the page); what keeps them from choosing the
@@ -52,7 +54,7 @@ def set_cookie(request: web.Request, response: web.StreamResponse, issued: str) 
         issued,
         path="/",
         httponly=True,
-        samesite="Strict",
+        samesite="Lax",
         secure=secure,
     )
 

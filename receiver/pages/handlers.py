@@ -515,7 +515,7 @@ async def refund_page(request: web.Request) -> web.Response:
     page (404), so whoever holds it cannot choose where the money goes.
     """
     await public_rate_limit(request)
-    stored = await request.app[appkeys.SERVICE].by_refund_token(request.match_info["token"])
+    stored = await request.app[appkeys.SERVICE].by_refund_token(request.match_info["refund_token"])
     return render(request, "refund.html", _refund_context(request, stored.invoice))
 
 
@@ -527,7 +527,7 @@ async def refund_submit(request: web.Request) -> web.Response:
     harmless repeat, a different one is refused politely.
     """
     await public_rate_limit(request)
-    token = request.match_info["token"]
+    token = request.match_info["refund_token"]
     service = request.app[appkeys.SERVICE]
     posted = await request.post()
     if csrf.refused(request, posted):
@@ -606,8 +606,8 @@ def setup_page_routes(app: web.Application) -> None:
         [
             web.get("/invoice/{token}", html_errors(invoice_page), name="invoice_page"),
             web.post("/invoice/{token}", html_errors(invoice_confirm), name="invoice_confirm"),
-            web.get("/refund/{token}", html_errors(refund_page), name="refund_page"),
-            web.post("/refund/{token}", html_errors(refund_submit), name="refund_submit"),
+            web.get("/refund/{refund_token}", html_errors(refund_page), name="refund_page"),
+            web.post("/refund/{refund_token}", html_errors(refund_submit), name="refund_submit"),
             # Static files need no rate limit: no Redis behind them, and cached for a year.
             web.static(STATIC_PREFIX, STATIC_DIR, name="static", append_version=True),
         ]
