@@ -477,8 +477,14 @@ async def test_pages_show_no_secrets(live: Live) -> None:
     fid = foreign_id("secret-check")
     created = await live.create(fid, sender_currency="BTC")
     token = token_of(created)
-    for path in (f"/invoice/{token}", f"/refund/{token}", f"/api/v2/public/invoices/{token}"):
+    half = f"{(Decimal(created['sender_amount']) / 2).quantize(Decimal('0.00000001')):f}"
+    await live.processing(
+        deposit(created["address"], half, tx_id=next(_ids), status="confirmed", confirmations=1)
+    )  # a payback is owed: the refund page exists
+    refund = f"/refund/{await live.refund_token(created['id'])}"
+    for path in (f"/invoice/{token}", refund, f"/api/v2/public/invoices/{token}"):
         async with live.session.get(live.base + path) as response:
+            assert response.status == 200, path
             body = await response.text()
         for secret in (live.merchant.secret, live.merchant.key, fid, PROCESSING_SECRET):
             assert secret not in body, (path, secret)
