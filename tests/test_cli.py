@@ -85,6 +85,25 @@ async def test_merchant_add_prints_the_spec_fields(
     assert bad.returncode == 2
 
 
+async def test_merchant_add_require_timestamp(env: dict[str, str], redis: aioredis.Redis) -> None:
+    """--require-timestamp opts the merchant in to replay protection; the default stays off."""
+    done = await run(
+        env, "merchant", "add", "--name", "Strict", "--callback-url", "https://shop.example/cb",
+        "--key", "strict", "--require-timestamp",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["require_timestamp"] is True
+    stored = await MerchantStore(redis).get("strict")
+    assert stored is not None and stored.require_timestamp
+    plain = await run(
+        env, "merchant", "add", "--name", "Plain", "--callback-url", "https://shop.example/cb",
+        "--key", "plain",
+    )  # fmt: skip
+    assert "require_timestamp" not in json.loads(plain.stdout)
+    stored = await MerchantStore(redis).get("plain")
+    assert stored is not None and not stored.require_timestamp
+
+
 async def test_simulate_deposit_pays_an_invoice(
     env: dict[str, str],
     redis: aioredis.Redis,

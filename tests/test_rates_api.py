@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from receiver import appkeys
 from receiver.app import create_app
+from receiver.pages import csrf
 from tests.rates_replay import Replay
 from tests.support import create_payload, make_settings, merchant_post, signed_headers
 from worker.app import main as worker_main
@@ -181,8 +182,12 @@ async def test_stale_rates_refuse_a_type1_confirm_and_the_page_says_so(
     assert page.status == 200
     assert "Prices are unavailable for now." in html
     assert 'id="confirm-form"' not in html
+    # A form posted from this very page (its anti-forgery cookie in the jar) while stale.
+    path = f"/invoice/{token(invoice)}"
+    anti_forgery = client.session.cookie_jar.filter_cookies(client.make_url(path))[csrf.COOKIE]
     form = await client.post(
-        f"/invoice/{token(invoice)}", data={"sender_currency": "LTC", "email": "b@example.com"}
+        path,
+        data={"sender_currency": "LTC", "email": "b@example.com", csrf.FIELD: anti_forgery.value},
     )
     assert form.status == 503
     assert "Prices are unavailable for now." in await form.text()

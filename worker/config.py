@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     rate_limit_public: int = Field(default=20, ge=0)
     # Take the client address from X-Forwarded-For (only behind a trusted proxy).
     trust_forwarded: bool = False
+    # Merchants with replay protection (`merchant add --require-timestamp`): how far
+    # X-Processing-Timestamp may be from our clock either way (seconds); a signature
+    # is remembered, and refused a second time, while its timestamp is this fresh.
+    replay_window_seconds: int = Field(default=300, gt=0)
 
     # Rates (prices per currency) and HD extended public keys; unset: the bundled demo files.
     rates_file: Path | None = None

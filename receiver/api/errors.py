@@ -40,6 +40,21 @@ def bad_signature() -> ApiError:
     return ApiError(403, {"error": "Bad signature header", "code": "bad_header_signature"})
 
 
+def bad_timestamp() -> ApiError:
+    """A replay-protected merchant's X-Processing-Timestamp is missing, malformed or stale."""
+    return ApiError(403, {"error": "Bad timestamp header", "code": "bad_header_timestamp"})
+
+
+def replayed() -> ApiError:
+    """A replay-protected merchant's signed request arrived a second time."""
+    return ApiError(403, {"error": "Request already received", "code": "replayed_request"})
+
+
+def cross_site() -> ApiError:
+    """A browser named another site as the page this request came from (spec §7)."""
+    return ApiError(403, {"error": "Cross-site request refused", "code": "cross_site"})
+
+
 def bad_content() -> ApiError:
     return ApiError(400, {"error": "Bad content format", "code": "bad_content_format"})
 

@@ -101,7 +101,11 @@ DOCS: dict[str, Doc] = {
     "openapi": Doc("This document."),
     "invoice_page": Doc("The hosted invoice page (HTML).", public_limit=True),
     "invoice_confirm": Doc("The invoice page's confirm form (HTML form post).", public_limit=True),
-    "refund_page": Doc("The refund page linked from the e-mails (HTML).", public_limit=True),
+    "refund_page": Doc(
+        "The refund page, named by the refund token that only the refund and payback "
+        "e-mails carry (HTML); 404 before a refund or payback is owed.",
+        public_limit=True,
+    ),
     "refund_submit": Doc(
         "Store the customer's refund address (HTML form post).", public_limit=True
     ),
@@ -137,7 +141,10 @@ def _operation(name: str, doc: Doc, method: str, path: str) -> dict[str, Any]:
         responses["413"] = _error("Request body over 64 KiB.")
     if doc.auth is not None:
         operation["security"] = [{"ProcessingKey": [], "ProcessingSignature": []}]
-        responses["403"] = _error("Bad or missing signature.")
+        responses["403"] = _error(
+            "Bad or missing signature; for a merchant with replay protection also a "
+            "missing or stale X-Processing-Timestamp, or a request received before."
+        )
     if doc.auth == "merchant" or doc.public_limit:
         responses["429"] = {
             **_error("Rate limited; retry after the `Retry-After` seconds."),
@@ -190,7 +197,9 @@ def document(app: web.Application) -> dict[str, Any]:
             "title": "coinvoice",
             "version": "2",
             "description": "AlphaPo / CoinsPaid v2 invoice API. Authenticated requests carry "
-            "X-Processing-Key and X-Processing-Signature = hex HMAC-SHA512 of the raw body.",
+            "X-Processing-Key and X-Processing-Signature = hex HMAC-SHA512 of the raw body. "
+            "Merchants with replay protection also send X-Processing-Timestamp (unix seconds) "
+            "and sign `{timestamp}.{body}` instead.",
         },
         "paths": paths,
         "components": {

@@ -7,6 +7,7 @@ Body size (413), then signature on the raw bytes (403), then content format
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -15,10 +16,18 @@ from pydantic import BaseModel, ValidationError
 
 from receiver import appkeys
 from receiver.api import ratelimit
-from receiver.api.errors import bad_content, bad_signature, field_errors, too_large
+from receiver.api.errors import (
+    bad_content,
+    bad_signature,
+    bad_timestamp,
+    field_errors,
+    replayed,
+    too_large,
+)
 from worker.config import MAX_BODY_BYTES
 from worker.domain.models import Merchant
-from worker.domain.signing import verify
+from worker.domain.signing import TIMESTAMP_HEADER, timestamped_message, verify
+from worker.store.replay import first_use
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -78,18 +87,56 @@ def describe_errors(exc: ValidationError) -> dict[str, str]:
 
 
 async def authenticate_merchant(request: web.Request, body: bytes) -> Merchant:
-    """The merchant whose secret signed `body`; 403 otherwise, then its rate limit."""
+    """The merchant whose secret signed `body`; 403 otherwise, then its rate limit.
+
+    A merchant with `require_timestamp` signs `{timestamp}.{body}` and each
+    signed request is accepted once, while its timestamp is fresh (replay
+    protection); every other merchant is checked exactly as AlphaPo does.
+    """
     key = request.headers.get("X-Processing-Key", "")
     signature = request.headers.get("X-Processing-Signature")
     merchant = await request.app[appkeys.MERCHANTS].get(key) if key else None
     secret = merchant.secret if merchant else _DUMMY_SECRET
-    if not verify(secret, body, signature) or merchant is None:
+    timestamp = None
+    signed = body
+    if merchant is not None and merchant.require_timestamp:
+        timestamp = _timestamp(request)
+        signed = timestamped_message(str(timestamp), body)
+    if not verify(secret, signed, signature) or merchant is None:
         raise bad_signature()
     settings = request.app[appkeys.SETTINGS]
+    if timestamp is not None and signature is not None:
+        await _refuse_replay(request, merchant, timestamp, signature)
     await ratelimit.check(
         request.app[appkeys.REDIS], "m", merchant.key, settings.rate_limit_merchant
     )
     return merchant
+
+
+# Unix seconds, as digits only (no sign, fraction or exponent): 10 digits until 2286.
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+
+
+def _timestamp(request: web.Request) -> int:
+    """The X-Processing-Timestamp header as unix seconds; 403 when missing or malformed."""
+    raw = request.headers.get(TIMESTAMP_HEADER, "")
+    if not _TIMESTAMP.fullmatch(raw):
+        raise bad_timestamp()
+    return int(raw)
+
+
+async def _refuse_replay(
+    request: web.Request, merchant: Merchant, timestamp: int, signature: str
+) -> None:
+    """403 unless the (verified) timestamp is within the window and the signature is new."""
+    window = request.app[appkeys.SETTINGS].replay_window_seconds
+    now = request.app[appkeys.SERVICE].now()
+    if abs(now - timestamp) > window:
+        raise bad_timestamp()
+    # Remember it until its timestamp leaves the window; the window check refuses it then.
+    ttl = timestamp + window - now + 1
+    if not await first_use(request.app[appkeys.REDIS], merchant.key, signature, ttl):
+        raise replayed()
 
 
 async def merchant_request(request: web.Request, model: type[Model]) -> tuple[Merchant, Model]:

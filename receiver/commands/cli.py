@@ -95,6 +95,7 @@ def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
         fee_percent=args.fee_percent,
         underpayment_tolerance_percent=args.underpayment_tolerance_percent,
         standard_webhooks=args.standard_webhooks,
+        require_timestamp=args.require_timestamp,
     )
 
     async def add() -> int:
@@ -120,6 +121,8 @@ def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
         }
         if merchant.standard_webhooks_secret:
             payload["standard_webhooks_secret"] = merchant.standard_webhooks_secret
+        if merchant.require_timestamp:
+            payload["require_timestamp"] = True
         _print_json(payload)
     return status
 
@@ -197,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--standard-webhooks",
         action="store_true",
         help="also sign callbacks with Standard Webhooks headers; prints the whsec_ secret",
+    )
+    add.add_argument(
+        "--require-timestamp",
+        action="store_true",
+        help="replay protection: requests must sign X-Processing-Timestamp and are accepted once",
     )
     add.set_defaults(func=cmd_merchant_add)
 

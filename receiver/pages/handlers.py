@@ -41,6 +41,7 @@ from receiver.api import views
 from receiver.api.errors import ApiError
 from receiver.api.requests import describe_errors, public_rate_limit
 from receiver.api.schemas import ConfirmInvoice, RefundAddress
+from receiver.pages import csrf
 from worker.domain.addresses import (
     NoAddressAvailable,
     canonical_address,
@@ -147,23 +148,31 @@ def render(
     status: int = 200,
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
-    """An HTML page with the security headers every customer page carries."""
+    """An HTML page with the security headers every customer page carries.
+
+    Every page carries the anti-forgery token its forms post back (`csrf`).
+    """
+    form_token = csrf.token(request)
     html = (
         _templates()
         .get_template(template)
         .render(
             css=_static_url(request, "style.css"),
             js=_static_url(request, "invoice.js"),
+            csrf_field=csrf.FIELD,
+            csrf_token=form_token,
             **context,
         )
     )
-    return web.Response(
+    response = web.Response(
         text=html,
         status=status,
         content_type="text/html",
         charset="utf-8",
         headers={**PAGE_HEADERS, **(headers or {})},
     )
+    csrf.set_cookie(request, response, form_token)
+    return response
 
 
 def error_page(
@@ -190,6 +199,17 @@ def not_found_page(request: web.Request) -> web.Response:
         "Invoice not found",
         "We could not find this invoice. Check that the link is complete, "
         "or ask the shop for a new one.",
+    )
+
+
+def cross_site_page(request: web.Request) -> web.Response:
+    """The 403 for a form post refused as cross-site (spec §7)."""
+    return error_page(
+        request,
+        403,
+        "This form was refused",
+        "For your safety this form is accepted only from its own page, in the same "
+        "browser. Please open the link again and send the form from there.",
     )
 
 
@@ -380,7 +400,6 @@ async def _invoice_context(
         "error": error,
         "field_errors": field_errors or {},
         "status_url": str(request.app.router["public_invoice"].url_for(token=invoice.token)),
-        "refund_url": str(request.app.router["refund_page"].url_for(token=invoice.token)),
         "poll_ms": POLL_MS,
         # Meta refresh only where no form could lose what the customer typed.
         "noscript_refresh": NOSCRIPT_REFRESH_SECONDS
@@ -424,7 +443,10 @@ async def invoice_confirm(request: web.Request) -> web.Response:
     await public_rate_limit(request)
     token = request.match_info["token"]
     service = request.app[appkeys.SERVICE]
-    form = _text_fields(await request.post(), "sender_currency", "email")
+    posted = await request.post()
+    if csrf.refused(request, posted):
+        return cross_site_page(request)
+    form = _text_fields(posted, "sender_currency", "email")
     stored = await service.by_token(token)
     invoice = stored.invoice
 
@@ -496,24 +518,32 @@ def _refund_context(
 
 
 async def refund_page(request: web.Request) -> web.Response:
-    """`GET /refund/{token}`: where the refund e-mails send the customer."""
+    """`GET /refund/{refund_token}`: where the refund and payback e-mails send the customer.
+
+    Named by the refund token, which exists only once a refund or payback is
+    owed and travels only in those e-mails: the invoice link opens no refund
+    page (404), so whoever holds it cannot choose where the money goes.
+    """
     await public_rate_limit(request)
-    stored = await request.app[appkeys.SERVICE].by_token(request.match_info["token"])
+    stored = await request.app[appkeys.SERVICE].by_refund_token(request.match_info["refund_token"])
     return render(request, "refund.html", _refund_context(request, stored.invoice))
 
 
 async def refund_submit(request: web.Request) -> web.Response:
-    """`POST /refund/{token}`: store the customer's refund address, once.
+    """`POST /refund/{refund_token}`: store the customer's refund address, once.
 
     The address is checked for the network of the currency the invoice was
     paid in and stored in its canonical spelling; the same address again is a
     harmless repeat, a different one is refused politely.
     """
     await public_rate_limit(request)
-    token = request.match_info["token"]
+    token = request.match_info["refund_token"]
     service = request.app[appkeys.SERVICE]
-    typed = _text_fields(await request.post(), "address")["address"]
-    invoice = (await service.by_token(token)).invoice
+    posted = await request.post()
+    if csrf.refused(request, posted):
+        return cross_site_page(request)
+    typed = _text_fields(posted, "address")["address"]
+    invoice = (await service.by_refund_token(token)).invoice
     currency = invoice.sender_currency
 
     def again(status: int, error: str) -> web.Response:
@@ -546,7 +576,7 @@ async def refund_submit(request: web.Request) -> web.Response:
         await service.set_refund_address(token, address)
     except DomainError:
         # Another submission got there first (a second tab, a double click).
-        invoice = (await service.by_token(token)).invoice
+        invoice = (await service.by_refund_token(token)).invoice
         return again(409, _ALREADY_STORED)
     except ConcurrentModification:
         return again(503, "The invoice was busy. Please try again.")
@@ -586,8 +616,8 @@ def setup_page_routes(app: web.Application) -> None:
         [
             web.get("/invoice/{token}", html_errors(invoice_page), name="invoice_page"),
             web.post("/invoice/{token}", html_errors(invoice_confirm), name="invoice_confirm"),
-            web.get("/refund/{token}", html_errors(refund_page), name="refund_page"),
-            web.post("/refund/{token}", html_errors(refund_submit), name="refund_submit"),
+            web.get("/refund/{refund_token}", html_errors(refund_page), name="refund_page"),
+            web.post("/refund/{refund_token}", html_errors(refund_submit), name="refund_submit"),
             # Static files need no rate limit: no Redis behind them, and cached for a year.
             web.static(STATIC_PREFIX, STATIC_DIR, name="static", append_version=True),
         ]

@@ -34,7 +34,12 @@ from worker.domain.effects import Effect
 from worker.domain.events import TransactionUpdate
 from worker.domain.machine import Transition
 from worker.logs import get_logger
-from worker.services.invoices import MAX_CAS_ATTEMPTS, InvoiceService, log_change
+from worker.services.invoices import (
+    MAX_CAS_ATTEMPTS,
+    InvoiceService,
+    log_change,
+    with_refund_token,
+)
 from worker.store import keys
 from worker.store.codec import dump_update, load_update
 from worker.store.connection import awaited
@@ -310,4 +315,4 @@ def _apply_all(
             changed += 1
         invoice = transition.invoice
         effects.extend(transition.effects)
-    return Transition(invoice, tuple(effects)), changed
+    return with_refund_token(Transition(invoice, tuple(effects))), changed

@@ -13,7 +13,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from worker.domain import machine
@@ -75,6 +75,24 @@ class InvoiceRequest:
 def new_token() -> str:
     """The public invoice token: 192 random bits, URL-safe."""
     return secrets.token_urlsafe(24)
+
+
+def new_refund_token() -> str:
+    """The refund page's token: 192 random bits, URL-safe, unrelated to the invoice token."""
+    return secrets.token_urlsafe(24)
+
+
+def with_refund_token(transition: Transition) -> Transition:
+    """The transition, with a fresh refund token where it sends the first refund/payback mail.
+
+    Drawn per attempt: only the attempt whose compare-and-set wins is stored
+    (commit.lua writes the token's index with the invoice and the e-mail), so
+    retries never leave two tokens, and later mails reuse the stored one.
+    """
+    if not machine.owes_refund_token(transition):
+        return transition
+    invoice = replace(transition.invoice, refund_token=new_refund_token())
+    return Transition(invoice, transition.effects)
 
 
 def bound(invoice: Invoice) -> dict[str, object]:
@@ -213,7 +231,7 @@ class InvoiceService:
             if stored is None:
                 raise InvoiceNotFound(invoice_id)
             event = await event_for(stored.invoice)
-            transition = machine.apply(stored.invoice, event, self.policy)
+            transition = with_refund_token(machine.apply(stored.invoice, event, self.policy))
             if await self._commit(stored, transition, cause):
                 return transition
             await asyncio.sleep(min(0.001 * attempt, 0.05))
@@ -239,6 +257,14 @@ class InvoiceService:
         stored = None if invoice_id is None else await self.store.get(invoice_id)
         if stored is None:
             raise InvoiceNotFound(token)
+        return stored
+
+    async def by_refund_token(self, refund_token: str) -> Stored:
+        """The invoice whose refund page this is; unknown until a refund or payback is owed."""
+        invoice_id = await self.store.id_by_refund_token(refund_token)
+        stored = None if invoice_id is None else await self.store.get(invoice_id)
+        if stored is None:
+            raise InvoiceNotFound(refund_token)
         return stored
 
     async def by_foreign_id(self, merchant: str, foreign_id: str) -> Stored:
@@ -290,8 +316,9 @@ class InvoiceService:
         stored = await self.by_foreign_id(merchant, foreign_id)
         return (await self.apply(stored.invoice.id, MerchantCancel(self.now()))).invoice
 
-    async def set_refund_address(self, token: str, address: str) -> Invoice:
-        stored = await self.by_token(token)
+    async def set_refund_address(self, refund_token: str, address: str) -> Invoice:
+        """Store the customer's refund address, given on the refund page (by its own token)."""
+        stored = await self.by_refund_token(refund_token)
         event = RefundAddressSet(self.now(), address)
         return (await self.apply(stored.invoice.id, event)).invoice
 

@@ -123,6 +123,9 @@ class InvoiceStore:
     async def id_by_token(self, token: str) -> int | None:
         return _int(await self.redis.get(keys.token(token)))
 
+    async def id_by_refund_token(self, refund_token: str) -> int | None:
+        return _int(await self.redis.get(keys.refund_token(refund_token)))
+
     async def ids_by_address(self, pairs: Sequence[tuple[str, str]]) -> list[int | None]:
         """Owners of (currency, address) pairs, in one round trip."""
         if not pairs:
@@ -156,6 +159,8 @@ class InvoiceStore:
         owner = (
             keys.address(assigned.currency, assigned.address) if assigned else keys.invoice(new.id)
         )
+        # A refund token issued by this transition (with its first refund/payback e-mail).
+        issued = new.refund_token if new.refund_token != stored.invoice.refund_token else None
         return (
             [
                 keys.invoice(new.id),
@@ -167,6 +172,7 @@ class InvoiceStore:
                 keys.balance(new.merchant),
                 keys.ledger(new.merchant),
                 owner,
+                keys.refund_token(issued) if issued else keys.invoice(new.id),
             ],
             [
                 stored.version,
@@ -178,6 +184,7 @@ class InvoiceStore:
                 _ledger_lines(ledger, now),
                 _mails_json(mails, now),
                 "1" if assigned else "0",
+                "1" if issued else "0",
             ],
         )
 

@@ -41,6 +41,11 @@ def token(public_token: str) -> str:
     return f"{PREFIX}tok:{public_token}"
 
 
+def refund_token(token: str) -> str:
+    """Refund page token → invoice id; written with the first refund/payback e-mail."""
+    return f"{PREFIX}rtok:{token}"
+
+
 def address(currency: str, addr: str) -> str:
     return f"{PREFIX}addr:{currency}:{addr}"
 
@@ -76,6 +81,11 @@ def delivery_log(invoice_id: int) -> str:
 
 def mails(invoice_id: int) -> str:
     return f"{PREFIX}mails:{invoice_id}"
+
+
+def seen_signature(merchant_key: str, digest: str) -> str:
+    """A timestamped request's signature, remembered while its timestamp is in the window."""
+    return f"{PREFIX}seen:{merchant_key}:{digest}"
 
 
 def rate_limit(scope: str, who: str, second: int) -> str:

@@ -9,6 +9,7 @@
 -- ARGV[4] timer fire time, '' to clear                    ARGV[5] callback sequence or ''
 -- ARGV[6] now (unix seconds)  ARGV[7] ledger lines (worker/store/invoices.py ledger_line) or ''
 -- ARGV[8] mails JSON object {cause: record} or ''        ARGV[9] '1': own KEYS[9]
+-- KEYS[10] refund-token key (= KEYS[1] when none)          ARGV[10] '1': index KEYS[10]
 -- Returns the new version, or 0 on a version conflict.
 
 -- The invoice is one string, '{version}:{JSON}': only its head is read here.
@@ -19,6 +20,14 @@ end
 if ARGV[9] == '1' and not redis.call('SET', KEYS[9], ARGV[3], 'NX') then
   if redis.call('GET', KEYS[9]) ~= ARGV[3] then
     return redis.error_reply('address already owned: ' .. KEYS[9])
+  end
+end
+-- A refund token issued by this change (with its first refund/payback e-mail):
+-- it names the refund page from now on. 192 random bits never collide; NX
+-- refuses rather than let one token point at two invoices.
+if ARGV[10] == '1' and not redis.call('SET', KEYS[10], ARGV[3], 'NX') then
+  if redis.call('GET', KEYS[10]) ~= ARGV[3] then
+    return redis.error_reply('refund token already used: ' .. KEYS[10])
   end
 end
 version = version + 1
