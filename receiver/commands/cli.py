@@ -13,12 +13,12 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import urlsplit
 
 from receiver.commands import operator, simulate
 from worker.app.runtime import RedisUrlMissing, redis_url
 from worker.config import Settings, load_settings
 from worker.logs import configure_logging
+from worker.outbox.destinations import DestinationRefused, check_destination
 from worker.store.connection import connect
 from worker.store.merchants import MerchantExists, MerchantStore, make_merchant
 
@@ -78,11 +78,10 @@ async def _check(settings: Settings) -> int:
 
 
 def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
-    if (
-        urlsplit(args.callback_url).scheme not in ("http", "https")
-        or not urlsplit(args.callback_url).netloc
-    ):
-        print("coinvoice: --callback-url must be an http(s) URL", file=sys.stderr)
+    try:
+        check_destination(args.callback_url, settings.allow_private_callbacks)
+    except DestinationRefused as exc:
+        print(f"coinvoice: --callback-url {exc}", file=sys.stderr)
         return 2
     merchant = make_merchant(
         args.name,
