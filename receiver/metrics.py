@@ -2,17 +2,21 @@
 
 Request counters and latencies come from a middleware; queue depths (updates
 waiting for a worker, callbacks due, timers due) are read from Redis at
-scrape time, so every receiver reports the system's backlog.
+scrape time, so every receiver reports the system's backlog. Without Redis
+the scrape still answers with the process's own metrics: the backlog is left
+out and `coinvoice_redis_up` is 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
 
 from receiver import appkeys
 from receiver.accesslog import route_pattern
@@ -20,6 +24,9 @@ from worker.services import operations
 
 # Request latency buckets in seconds: the p99 goals live between 1 ms and 100 ms.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# A scrape waits this long for the backlog (seconds), well inside a scraper's timeout,
+# instead of riding out a Redis outage with the client's retries.
+BACKLOG_TIMEOUT_SECONDS = 1.0
 
 
 class Metrics:
@@ -45,6 +52,11 @@ class Metrics:
             "coinvoice_backlog",
             "Work waiting in Redis: updates to apply, callbacks and timers due",
             ["queue"],
+            registry=self.registry,
+        )
+        self.redis_up = Gauge(
+            "coinvoice_redis_up",
+            "1 when the last scrape read the backlog from Redis, 0 when Redis was unreachable",
             registry=self.registry,
         )
 
@@ -77,10 +89,19 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 async def serve(request: web.Request) -> web.Response:
+    """Prometheus text; the backlog gauges only when Redis answers in time."""
     metrics = request.app[METRICS]
     redis = request.app[appkeys.REDIS]
-    for name, value in (await operations.backlog(redis, int(time.time()))).items():
-        metrics.backlog.labels(name).set(value)
+    try:
+        async with asyncio.timeout(BACKLOG_TIMEOUT_SECONDS):
+            backlog = await operations.backlog(redis, int(time.time()))
+    except (RedisError, OSError, TimeoutError):
+        metrics.backlog.clear()  # no stale numbers: the series are absent until Redis is back
+        metrics.redis_up.set(0)
+    else:
+        for name, value in backlog.items():
+            metrics.backlog.labels(name).set(value)
+        metrics.redis_up.set(1)
     return web.Response(
         body=generate_latest(metrics.registry),
         headers={"Content-Type": CONTENT_TYPE_LATEST},
