@@ -78,8 +78,11 @@ async def _check(settings: Settings) -> int:
 
 
 def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
+    # The embedded Redis of `coinvoice up` (no COINVOICE_REDIS_URL) is a local demo whose
+    # worker `up` starts with private callbacks allowed: register with the same policy.
+    allow_private = settings.allow_private_callbacks or settings.redis_url is None
     try:
-        check_destination(args.callback_url, settings.allow_private_callbacks)
+        check_destination(args.callback_url, allow_private)
     except DestinationRefused as exc:
         print(f"coinvoice: --callback-url {exc}", file=sys.stderr)
         return 2
