@@ -117,6 +117,15 @@ async def test_a_name_with_any_non_public_address_is_refused() -> None:
     assert (checked.host, checked.port, checked.address) == ("shop.example", 443, "93.184.216.34")
 
 
+@pytest.mark.parametrize("host", ["a" * 64 + ".example", "a..example"])
+async def test_a_host_that_is_no_valid_name_is_refused_not_retried(host: str) -> None:
+    """A label the resolver cannot even encode is a refusal (dead-lettered), not a crash."""
+    with pytest.raises(DestinationRefused, match="not a valid host name"):
+        await resolve_destination(f"https://{host}/cb", False)
+    with pytest.raises(DestinationRefused):
+        check_destination(f"https://{host}/cb", False)
+
+
 async def delivered_once(deliverer: Deliverer) -> None:
     await deliverer.start()
     try:

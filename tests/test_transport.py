@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -160,8 +161,12 @@ async def test_connections_over_the_per_client_cap_are_refused_with_429(port: in
         w.close()
 
 
-async def test_a_client_that_disconnects_mid_body_is_a_499_logged_at_info(port: int) -> None:
-    """Gone mid-body: an info-level `client_aborted`, counted as 499, no error logged."""
+async def test_a_client_that_disconnects_mid_body_is_a_499_logged_at_info(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Gone mid-body: an info-level `client_aborted`, 499 in metrics and the access log,
+    no error logged."""
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
     with capture_logs() as logs:
         reader, writer = await connect(port)
         writer.write(
@@ -186,3 +191,5 @@ async def test_a_client_that_disconnects_mid_body_is_a_499_logged_at_info(port: 
     route = 'route="/api/v2/processing/callbacks"'
     assert f'coinvoice_http_requests_total{{{route},status="499"}} 1.0' in metrics.decode()
     assert f'{route},status="500"' not in metrics.decode()
+    statuses = [getattr(r, "status", None) for r in caplog.records if r.name == "aiohttp.access"]
+    assert 499 in statuses and 500 not in statuses

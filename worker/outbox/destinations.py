@@ -154,9 +154,12 @@ def _addresses(infos: list[tuple[object, ...]]) -> list[str]:
 
 async def system_resolve(host: str, port: int) -> list[str]:
     """What the system resolver answers for `host` (literals of any spelling included)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    )
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+    except UnicodeError:  # not a host name at all (an empty or over-long label)
+        raise DestinationRefused(f"refused: {host[:80]} is not a valid host name") from None
     return _addresses(list(infos))
 
 
