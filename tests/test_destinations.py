@@ -4,13 +4,19 @@ checked address, refusals dead-lettered at once (also on redelivery)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from receiver import appkeys
@@ -22,6 +28,7 @@ from worker.outbox.destinations import (
     DestinationRefused,
     check_destination,
     literal_address,
+    pinned,
     resolve_destination,
 )
 from worker.services.invoices import InvoiceService
@@ -229,3 +236,64 @@ async def test_a_redelivery_refused_by_the_guard_is_dead_not_delivered(
     assert entry["state"] == "dead"
     assert [a["status_code"] for a in entry["attempts"]] == [200, None]
     assert len(sink.received) == 1
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for `shop.invalid` and its key (made with openssl)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", "/CN=shop.invalid",
+         "-addext", "subjectAltName=DNS:shop.invalid",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.parametrize(("name", "verified"), [("shop.invalid", True), ("other.invalid", False)])
+async def test_a_pinned_https_request_verifies_the_certificate_for_the_name(
+    tls_files: tuple[Path, Path], name: str, verified: bool
+) -> None:
+    """Connecting to the checked address still checks TLS against the URL's name: the
+    certificate for shop.invalid passes, the same server under another name fails."""
+    cert, key = tls_files
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    hosts: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        hosts.append(request.headers["Host"])
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/cb", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_side)
+    await site.start()
+    try:
+
+        async def resolve(host: str, port: int) -> list[str]:
+            return ["127.0.0.1"]
+
+        url = f"https://{name}:{site.port}/cb"
+        target, host_header, server_hostname = pinned(await resolve_destination(url, True, resolve))
+        assert target.host == "127.0.0.1" and server_hostname == name
+        trust = ssl.create_default_context(cafile=str(cert))
+        async with aiohttp.ClientSession() as session:
+            try:
+                async with session.post(
+                    target, headers=host_header, server_hostname=server_hostname, ssl=trust
+                ) as response:
+                    assert response.status == 200
+                answered = True
+            except aiohttp.ClientConnectorCertificateError:
+                answered = False
+        assert answered is verified
+        assert hosts == ([f"shop.invalid:{site.port}"] if verified else [])
+    finally:
+        await runner.cleanup()
