@@ -171,3 +171,20 @@ async def test_any_redis_error_escaping_a_handler_is_a_503() -> None:
         assert response.status == 503
         assert await response.json() == UNAVAILABLE
         assert response.headers["Retry-After"] == "5"
+
+
+async def test_openapi_lists_the_503_of_every_operation_that_needs_redis(
+    client: TestClient[Any, Any],
+) -> None:
+    """The OpenAPI document describes 503 with Retry-After where Redis is reached, and 408
+    where a body is read."""
+    document = await (await client.get("/api/v2/openapi.json")).json()
+    for path, method in (
+        ("/api/v2/invoices/create", "post"),
+        ("/api/v2/processing/callbacks", "post"),
+        ("/api/v2/public/invoices/{token}", "get"),
+    ):
+        responses = document["paths"][path][method]["responses"]
+        assert responses["503"]["headers"]["Retry-After"], path
+        assert ("408" in responses) is (method == "post"), path
+    assert "503" not in document["paths"]["/api/v2/ping"]["get"]["responses"]

@@ -114,6 +114,13 @@ def _operation(name: str, doc: Doc, method: str, path: str) -> dict[str, Any]:
         }
     if "foreign_id" in path or doc.body is ForeignIdBody or "token" in path:
         responses["404"] = _error("Invoice not found.")
+    if method == "POST":
+        responses["408"] = _error("The request body did not arrive in time; the connection closes.")
+    if doc.auth is not None or doc.public_limit:  # these reach Redis
+        responses["503"] = {
+            **_error("Redis unreachable (`unavailable`); safe to retry after `Retry-After`."),
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        }
     return operation
 
 
