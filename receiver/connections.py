@@ -10,8 +10,10 @@ for minutes, and thousands of them exhausted the descriptors). So:
   connection whose request head has not arrived `header_timeout_seconds` after
   the connection opened (or after the first byte of a later request), with a 408.
 * `transport_middleware` reads the body within `body_timeout_seconds` (408 and
-  the connection closed otherwise) before any handler runs, and answers a
-  client that went away mid-body as a client abort: status 499, logged at info.
+  the connection closed otherwise) before any handler runs, answers a body
+  that cannot be decoded (a broken `Content-Encoding`) 400 `bad_content_format`,
+  and a client that went away mid-body as a client abort: status 499, logged
+  at info.
 
 Idle keep-alive connections are closed by aiohttp's own `keepalive_timeout`.
 """
@@ -28,7 +30,7 @@ from aiohttp.typedefs import Handler
 
 from receiver import appkeys
 from receiver.accesslog import route_pattern
-from receiver.api.errors import ApiError, json_error
+from receiver.api.errors import ApiError, bad_content, json_error
 from worker.config import Settings
 from worker.logs import get_logger
 
@@ -223,16 +225,22 @@ async def transport_middleware(request: web.Request, handler: Handler) -> web.St
                     await request.read()  # kept by aiohttp: handlers read it again for free
             except TimeoutError:
                 log.info("request_body_timeout", route=route_pattern(request))
-                response = json_error(
+                timed_out = json_error(
                     ApiError(408, {"error": "Request timeout", "code": "request_timeout"})
                 )
+                timed_out.force_close()
+                return timed_out
+            except (ConnectionError, web.RequestPayloadError):
+                if _client_gone(request):
+                    log.info("client_aborted", route=route_pattern(request), method=request.method)
+                    return web.Response(status=CLIENT_CLOSED_REQUEST)
+                # Still connected: a body that does not decode (a broken Content-Encoding).
+                # The rest cannot be read either: mark it ended, so aiohttp does not try to
+                # drain it after the answer (and log the same failure again), and close.
+                request.content.feed_eof()
+                response = json_error(bad_content())
                 response.force_close()
                 return response
-            except (ConnectionError, web.RequestPayloadError):
-                if not _client_gone(request):
-                    raise
-                log.info("client_aborted", route=route_pattern(request), method=request.method)
-                return web.Response(status=CLIENT_CLOSED_REQUEST)
         return await handler(request)
     finally:
         guard.request_finished(request.transport)

@@ -3,6 +3,7 @@ every JSON endpoint, signed or not — never a 500 with a traceback."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -76,3 +77,18 @@ async def test_json_at_the_depth_limit_is_read(client: Client, merchant: Merchan
     headers = signed_headers(merchant.key, merchant.secret, body)
     status, answer = await post_raw(client, "/api/v2/invoices/status", body, headers)
     assert (status, answer["errors"]["code"]) == (404, "not_found")
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decode_is_bad_content(
+    client: Client, merchant: Merchant, encoding: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Content-Encoding whose bytes do not decode is 400 bad_content_format, not a 500,
+    and nothing is logged as an error."""
+    body = b"this is not compressed"
+    headers = {**signed_headers(merchant.key, merchant.secret, body), "Content-Encoding": encoding}
+    with capture_logs() as logs:
+        for path in ("/api/v2/invoices/status", "/api/v2/public/invoices/x/confirm"):
+            assert await post_raw(client, path, body, headers) == (400, BAD_CONTENT), path
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
