@@ -57,8 +57,8 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[metrics_middleware, error_middleware, transport_middleware],
     )
     app[appkeys.SETTINGS] = settings
-    app[CONNECTION_GUARD] = ConnectionGuard.from_settings(settings)
-    app[METRICS] = Metrics()
+    metrics = app[METRICS] = Metrics()
+    app[CONNECTION_GUARD] = ConnectionGuard.from_settings(settings, metrics.connection_closed)
     app[LIFECYCLE] = Lifecycle()
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(mark_shutting_down)

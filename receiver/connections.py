@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -74,26 +75,32 @@ class _Connection:
 class ConnectionGuard:
     """Per-connection state shared by the protocol wrapper and the middleware."""
 
-    def __init__(self, header_timeout: float, max_per_client: int) -> None:
+    def __init__(
+        self,
+        header_timeout: float,
+        max_per_client: int,
+        closed: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self.header_timeout = header_timeout
         self.max_per_client = max_per_client
+        # Told the reason of each connection the guard closes (a metrics counter): an
+        # attack makes thousands, too many for a log line each.
+        self._closed = closed
         self._open: dict[asyncio.BaseTransport, _Connection] = {}
         self._per_client: Counter[str] = Counter()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ConnectionGuard:
-        return cls(settings.header_timeout_seconds, settings.max_connections_per_client)
-
-    def open_connections(self, client: str) -> int:
-        """Connections of `client` open now (tests and metrics)."""
-        return self._per_client[client]
+    def from_settings(
+        cls, settings: Settings, closed: Callable[[str], None] = lambda reason: None
+    ) -> ConnectionGuard:
+        return cls(settings.header_timeout_seconds, settings.max_connections_per_client, closed)
 
     def admit(self, transport: asyncio.Transport) -> bool:
         """Count a new connection; False (answered 429 and closed) when its client is at the cap."""
         peer = transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
         if self.max_per_client and self._per_client[client] >= self.max_per_client:
-            log.info("connection_refused", reason="too_many_connections")
+            self._closed("too_many_connections")
             transport.write(_TOO_MANY)
             transport.close()
             return False
@@ -142,7 +149,7 @@ class ConnectionGuard:
         connection.timer = None
         if connection.busy or connection.transport.is_closing():
             return
-        log.info("request_head_timeout", timeout_s=self.header_timeout)
+        self._closed("head_timeout")
         connection.transport.write(_HEAD_TIMEOUT)
         connection.transport.close()
 

@@ -54,11 +54,22 @@ class Metrics:
             ["queue"],
             registry=self.registry,
         )
+        self.connections_closed = Counter(
+            "coinvoice_connections_closed_total",
+            "Connections the receiver closed: too_many_connections (over the per-client cap), "
+            "head_timeout (no complete request head in time)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.redis_up = Gauge(
             "coinvoice_redis_up",
             "1 when the last scrape read the backlog from Redis, 0 when Redis was unreachable",
             registry=self.registry,
         )
+
+    def connection_closed(self, reason: str) -> None:
+        """Count one connection the guard closed (receiver.connections)."""
+        self.connections_closed.labels(reason).inc()
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         """Count one request and its latency."""

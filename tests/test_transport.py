@@ -66,6 +66,15 @@ async def answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], byt
     return int(status_line.split()[1]), headers, body
 
 
+async def metrics_text(port: int) -> str:
+    """GET /metrics on a fresh connection."""
+    reader, writer = await connect(port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+    _, _, body = await answer(reader)
+    writer.close()
+    return body.decode()
+
+
 async def trickle(writer: asyncio.StreamWriter, data: bytes, every: float = 0.1) -> None:
     """Send one byte at a time until the server closes the connection."""
     for byte in data:
@@ -93,6 +102,8 @@ async def test_a_trickled_request_head_is_cut_off_with_408(port: int) -> None:
     assert time.monotonic() - started < HEAD_TIMEOUT + 1.0
     sender.cancel()
     writer.close()
+    closed = 'coinvoice_connections_closed_total{reason="head_timeout"} 1.0'
+    assert closed in await metrics_text(port)
 
 
 async def test_a_silent_connection_is_closed_after_the_head_timeout(port: int) -> None:
@@ -157,6 +168,11 @@ async def test_connections_over_the_per_client_cap_are_refused_with_429(port: in
     reader, writer = await connect(port)
     writer.write(PING)
     assert (await asyncio.wait_for(answer(reader), 5))[0] == 200
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+    _, _, metrics = await answer(reader)
+    assert 'coinvoice_connections_closed_total{reason="too_many_connections"} 1.0' in (
+        metrics.decode()
+    )
     for _, w in [*open_, (reader, writer)]:
         w.close()
 
@@ -168,7 +184,7 @@ async def test_a_client_that_disconnects_mid_body_is_a_499_logged_at_info(
     no error logged."""
     caplog.set_level(logging.INFO, logger="aiohttp.access")
     with capture_logs() as logs:
-        reader, writer = await connect(port)
+        _, writer = await connect(port)
         writer.write(
             b"POST /api/v2/processing/callbacks HTTP/1.1\r\nHost: t\r\n"
             b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"id": 1'
@@ -184,12 +200,9 @@ async def test_a_client_that_disconnects_mid_body_is_a_499_logged_at_info(
     assert aborted["log_level"] == "info"
     assert aborted["route"] == "/api/v2/processing/callbacks"
     assert not [e for e in logs if e["log_level"] in ("error", "critical")]
-    reader, writer = await connect(port)
-    writer.write(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
-    _, _, metrics = await answer(reader)
-    writer.close()
+    metrics = await metrics_text(port)
     route = 'route="/api/v2/processing/callbacks"'
-    assert f'coinvoice_http_requests_total{{{route},status="499"}} 1.0' in metrics.decode()
-    assert f'{route},status="500"' not in metrics.decode()
+    assert f'coinvoice_http_requests_total{{{route},status="499"}} 1.0' in metrics
+    assert f'{route},status="500"' not in metrics
     statuses = [getattr(r, "status", None) for r in caplog.records if r.name == "aiohttp.access"]
     assert 499 in statuses and 500 not in statuses
