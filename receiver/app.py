@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -9,6 +11,12 @@ from aiohttp import web
 from receiver import appkeys
 from receiver.accesslog import AccessLogger
 from receiver.api.errors import error_middleware
+from receiver.connections import (
+    CONNECTION_GUARD,
+    ConnectionGuard,
+    GuardedSite,
+    transport_middleware,
+)
 from receiver.health import LIFECYCLE, Lifecycle, mark_shutting_down
 from receiver.metrics import METRICS, Metrics, metrics_middleware
 from receiver.routes import setup_routes
@@ -20,6 +28,9 @@ from worker.store.connection import connect
 from worker.store.merchants import MerchantStore
 
 log = get_logger(__name__)
+
+# Open requests get this long to finish when the receiver stops (seconds).
+SHUTDOWN_TIMEOUT_SECONDS = 10.0
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -42,10 +53,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
-        middlewares=[metrics_middleware, error_middleware],
+        # Outermost first: metrics see every answer, errors become JSON, and the
+        # body is read (in time) before any handler runs.
+        middlewares=[metrics_middleware, error_middleware, transport_middleware],
     )
     app[appkeys.SETTINGS] = settings
-    app[METRICS] = Metrics()
+    metrics = app[METRICS] = Metrics()
+    app[CONNECTION_GUARD] = ConnectionGuard.from_settings(settings, metrics.connection_closed)
     app[LIFECYCLE] = Lifecycle()
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(mark_shutting_down)
@@ -53,15 +67,32 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Serve on `settings.host:port` until `stop` is set, then drain and run the cleanups."""
+    runner = web.AppRunner(
+        create_app(settings),
+        access_log_class=AccessLogger,
+        keepalive_timeout=settings.keepalive_seconds,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
+    )
+    await runner.setup()
+    try:
+        await GuardedSite(runner, settings.host, settings.port).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()  # on_shutdown (readiness fails), drain, then cleanup_ctx
+
+
 def run(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM; aiohttp then drains connections and runs cleanups."""
+    """Serve until SIGINT/SIGTERM; then connections drain and the cleanups run."""
     configure_logging(settings.log_format, settings.log_level)
     log.info("receiver_starting", host=settings.host, port=settings.port)
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        access_log_class=AccessLogger,
-        shutdown_timeout=10,
-    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(main())

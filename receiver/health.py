@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from receiver import appkeys
+
+# Readiness answers within this many seconds (a load balancer's check times out soon after).
+READY_TIMEOUT_SECONDS = 1.0
 
 
 class Lifecycle:
@@ -27,8 +32,9 @@ async def ready(request: web.Request) -> web.Response:
     if request.app[LIFECYCLE].shutting_down:
         return web.json_response({"status": "shutting_down"}, status=503)
     try:
-        await request.app[appkeys.REDIS].ping()
-    except (RedisError, OSError):
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+            await request.app[appkeys.REDIS].ping()
+    except (RedisError, OSError, TimeoutError):
         return web.json_response({"status": "redis_unavailable"}, status=503)
     return web.json_response({"status": "ok"})
 

@@ -104,6 +104,23 @@ async def test_merchant_add_require_timestamp(env: dict[str, str], redis: aiored
     assert stored is not None and not stored.require_timestamp
 
 
+async def test_merchant_add_refuses_a_callback_url_the_guard_refuses(
+    env: dict[str, str], redis: aioredis.Redis
+) -> None:
+    """Without COINVOICE_ALLOW_PRIVATE_CALLBACKS, private destinations are refused at
+    registration (any spelling, names resolving to loopback); public ones are stored."""
+    strict = {**env, "COINVOICE_ALLOW_PRIVATE_CALLBACKS": "0"}
+    for url in ("http://2130706433/cb", "http://[::ffff:127.0.0.1]/cb", "http://localhost/cb"):
+        refused = await run(strict, "merchant", "add", "--name", "S", "--callback-url", url)
+        assert refused.returncode == 2, url
+        assert "non-public" in refused.stderr and refused.stdout == ""
+    assert await redis.scard("cv:merchants") == 0
+    public = "https://8.8.8.8/cb"
+    added = await run(strict, "merchant", "add", "--name", "S", "--callback-url", public)
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["callback_url"] == public
+
+
 async def test_simulate_deposit_pays_an_invoice(
     env: dict[str, str],
     redis: aioredis.Redis,
@@ -218,8 +235,8 @@ async def test_merchant_add_refuses_a_private_callback_url(
     """Without private callbacks allowed, a loopback callback URL is refused and not stored."""
     strict = {**env, "COINVOICE_ALLOW_PRIVATE_CALLBACKS": "0"}
     for url, reason in (
-        ("http://127.0.0.1:8000/cb", "127.0.0.1 is not a public address"),
-        ("http://localhost:8000/cb", "localhost resolves only to non-public addresses"),
+        ("http://127.0.0.1:8000/cb", "127.0.0.1 resolves to non-public address 127.0.0.1"),
+        ("http://localhost:8000/cb", "localhost resolves to non-public address 127.0.0.1"),
     ):
         done = await run(
             strict, "merchant", "add", "--name", "Shop", "--callback-url", url, "--key", "priv"

@@ -101,6 +101,18 @@ class Settings(BaseSettings):
     # is remembered, and refused a second time, while its timestamp is this fresh.
     replay_window_seconds: int = Field(default=300, gt=0)
 
+    # Slow clients (slowloris): a request head must arrive within this many seconds of
+    # its first byte (of the connection opening, for the first request), and a body
+    # (at most 64 KiB) within this many seconds of its head; otherwise 408 and closed.
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    body_timeout_seconds: float = Field(default=20.0, gt=0)
+    # An idle keep-alive connection is closed after this many seconds (keep it above
+    # the load balancer's idle timeout, 60 s on most, so the balancer closes first).
+    keepalive_seconds: float = Field(default=75.0, gt=0)
+    # Open connections per client address; more are answered 429 and closed. 0 disables.
+    # Behind a load balancer every connection comes from it: raise this, or set 0.
+    max_connections_per_client: int = Field(default=64, ge=0)
+
     # Rates (prices per currency) and HD extended public keys; unset: the bundled demo files.
     rates_file: Path | None = None
     # Live exchange rates (spec §11): market sources read by one worker into Redis.

@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from redis.exceptions import RedisError
 
 from receiver.accesslog import route_pattern
 from worker.domain.addresses import NoAddressAvailable
@@ -88,6 +89,19 @@ def rates_unavailable() -> ApiError:
     )
 
 
+# Seconds a caller is asked to wait when Redis cannot be reached (a restart or failover).
+UNAVAILABLE_RETRY_AFTER_SECONDS = 5
+
+
+def unavailable() -> ApiError:
+    """Spec §11: Redis unreachable (or a write not replicated): retry safely, never a 500."""
+    return ApiError(
+        503,
+        {"error": "Service unavailable", "code": "unavailable"},
+        {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_SECONDS)},
+    )
+
+
 def invalid_state(message: str, code: str = "invalid_invoice_state") -> ApiError:
     return ApiError(400, {"errors": {"error": message, "code": code}})
 
@@ -119,6 +133,10 @@ def _from_exception(exc: Exception) -> ApiError | None:
         case RatesUnavailable():
             log.warning("rates_unavailable", currencies=list(exc.currencies))
             return rates_unavailable()
+        case RedisError():
+            # Every subclass: connection refused or lost, timeouts, replication shortfalls.
+            log.warning("redis_unavailable", error=type(exc).__name__)
+            return unavailable()
         case ConcurrentModification():
             return ApiError(
                 503, {"error": "Invoice busy, retry", "code": "conflict"}, {"Retry-After": "1"}

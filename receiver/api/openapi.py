@@ -150,16 +150,23 @@ def _operation(name: str, doc: Doc, method: str, path: str) -> dict[str, Any]:
             **_error("Rate limited; retry after the `Retry-After` seconds."),
             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
         }
-    if doc.quotes:
-        responses["503"] = {
-            **_error(
-                "`rates_unavailable`: the exchange rates are older than "
-                "COINVOICE_RATES_MAX_AGE_SECONDS; nothing was created or changed."
-            ),
-            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-        }
     if "foreign_id" in path or doc.body is ForeignIdBody or "token" in path:
         responses["404"] = _error("Invoice not found.")
+    if method == "POST":
+        responses["408"] = _error("The request body did not arrive in time; the connection closes.")
+    unavailable = []
+    if doc.auth is not None or doc.public_limit:  # these reach Redis
+        unavailable.append("`unavailable`: Redis unreachable; safe to retry.")
+    if doc.quotes:
+        unavailable.append(
+            "`rates_unavailable`: the exchange rates are older than "
+            "COINVOICE_RATES_MAX_AGE_SECONDS; nothing was created or changed."
+        )
+    if unavailable:
+        responses["503"] = {
+            **_error(" ".join(unavailable) + " Retry after `Retry-After` seconds."),
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        }
     return operation
 
 

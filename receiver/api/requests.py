@@ -31,6 +31,10 @@ from worker.store.replay import first_use
 
 Model = TypeVar("Model", bound=BaseModel)
 
+# JSON nested deeper than this is refused (the API's bodies need 4 levels); deeper input
+# would only cost stack, and past Python's recursion limit the decoder itself fails.
+MAX_JSON_DEPTH = 32
+
 # A secret that no merchant has: unknown keys cost the same HMAC as known ones.
 _DUMMY_SECRET = "unknown-merchant-key"  # noqa: S105 - not a credential
 
@@ -57,13 +61,30 @@ def parse_json(request: web.Request, body: bytes) -> dict[str, Any]:
         raise bad_content()
     try:
         data = json.loads(body, parse_float=Decimal)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise bad_content() from None
     if data is None or data == []:
         return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or _deeper_than(data, MAX_JSON_DEPTH):
         raise bad_content()
     return data
+
+
+def _deeper_than(data: object, limit: int) -> bool:
+    """Does `data` nest objects and arrays more than `limit` levels? (No recursion.)"""
+    pending: list[tuple[object, int]] = [(data, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict):
+            children: list[object] = list(value.values())
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 def validate(model: type[Model], data: dict[str, Any]) -> Model:

@@ -34,11 +34,12 @@ import segno
 from aiohttp import web
 from markupsafe import Markup
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from receiver import appkeys
 from receiver.accesslog import route_pattern
 from receiver.api import views
-from receiver.api.errors import ApiError
+from receiver.api.errors import ApiError, unavailable
 from receiver.api.requests import describe_errors, public_rate_limit
 from receiver.api.schemas import ConfirmInvoice, RefundAddress
 from receiver.pages import csrf
@@ -240,6 +241,15 @@ def html_errors(handler: Handler) -> Handler:
             return error_page(request, 413, "Too much data", "That form was too large to accept.")
         except web.HTTPException:
             raise
+        except RedisError as exc:
+            log.warning("redis_unavailable", error=type(exc).__name__)
+            return error_page(
+                request,
+                503,
+                "Temporarily unavailable",
+                "Please try again in a minute. Your invoice is safe.",
+                unavailable().headers,
+            )
         except Exception:
             log.exception("page_failed", route=route_pattern(request), method=request.method)
             return error_page(
