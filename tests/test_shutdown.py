@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from tests import processes
 from tests.scenarios import create_plans, mismatches, reference
 from tests.sink import Behaviour, running_sink
-from tests.support import deposit, eventually
+from tests.support import deposit, eventually, record_artifact
 from worker.app.runtime import invoice_service
 from worker.config import Settings
 from worker.domain.models import Merchant
@@ -94,6 +94,15 @@ async def test_receiver_drains_then_finishes_in_flight_requests_and_exits_0(
         stopped_after = time.monotonic() - signalled
     finally:
         child.kill()
+    record_artifact(
+        "shutdown",
+        "receiver",
+        {
+            "budget_s": SHUTDOWN_SECONDS,
+            "closed_after_s": closed_after,
+            "exited_after_s": stopped_after,
+        },
+    )
     assert code == 0
     assert DRAIN_SECONDS - 0.1 <= closed_after < PAUSE_SECONDS
     assert stopped_after < SHUTDOWN_SECONDS + 1.0  # + the interpreter's own exit
@@ -170,9 +179,14 @@ async def test_worker_finishes_its_batch_leaves_the_group_and_exits_0(
             second.stop()
     finally:
         first.kill()
+    stats = await processes.ingest_stats(redis)
+    record_artifact(
+        "shutdown",
+        "worker-batch",
+        {"exited_after_s": stopped_after, "entries": len(entries), **stats},
+    )
     assert code == 0, first.log_path.read_text()[-3000:]
     assert stopped_after < SHUTDOWN_SECONDS + 1.0
-    stats = await processes.ingest_stats(redis)
     assert stats.get("reclaimed", 0) == 0  # nobody took over what the stopped worker held
     assert stats["entries"] == len(entries)
     assert await mismatches(redis, merchant, reference(plans, service.policy)) == []
@@ -201,6 +215,7 @@ async def test_worker_finishes_the_delivery_in_hand_before_exiting(
             stopped_after = time.monotonic() - signalled
         finally:
             child.kill()
+        record_artifact("shutdown", "worker-delivery", {"exited_after_s": stopped_after})
         assert code == 0
         assert 1.5 <= stopped_after < SHUTDOWN_SECONDS + 1.0
         assert len(sink.received) == 1
