@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -17,7 +19,7 @@ from receiver.connections import (
     GuardedSite,
     transport_middleware,
 )
-from receiver.health import LIFECYCLE, Lifecycle, mark_shutting_down
+from receiver.health import LIFECYCLE, Lifecycle, close_while_draining, mark_shutting_down
 from receiver.metrics import METRICS, Metrics, metrics_middleware
 from receiver.routes import setup_routes
 from worker.app.runtime import invoice_service, redis_url, warn_if_demo_keys
@@ -29,8 +31,12 @@ from worker.store.merchants import MerchantStore
 
 log = get_logger(__name__)
 
-# Open requests get this long to finish when the receiver stops (seconds).
-SHUTDOWN_TIMEOUT_SECONDS = 10.0
+# HAProxy (deploy/haproxy.cfg: a check each second, two failures) stops sending to a
+# receiver within about 1.5 s of its readiness failing. After SIGTERM the receiver keeps
+# serving for a quarter of COINVOICE_SHUTDOWN_SECONDS, at most this long (seconds)...
+MAX_DRAIN_SECONDS = 5.0
+# ...and keeps this much of the budget for closing Redis after the last request (seconds).
+CLOSE_MARGIN_SECONDS = 1.0
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -53,9 +59,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
-        # Outermost first: metrics see every answer, errors become JSON, and the
-        # body is read (in time) before any handler runs.
-        middlewares=[metrics_middleware, error_middleware, transport_middleware],
+        # Outermost first: answers while draining say `Connection: close`, metrics see
+        # every answer, errors become JSON, and the body is read (in time) before any
+        # handler runs.
+        middlewares=[
+            close_while_draining,
+            metrics_middleware,
+            error_middleware,
+            transport_middleware,
+        ],
     )
     app[appkeys.SETTINGS] = settings
     metrics = app[METRICS] = Metrics()
@@ -67,32 +79,64 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    """Serve on `settings.host:port` until `stop` is set, then drain and run the cleanups."""
+def drain_seconds(shutdown_seconds: float) -> float:
+    """How long a stopping receiver keeps serving with readiness failed, before it closes."""
+    return min(MAX_DRAIN_SECONDS, shutdown_seconds / 4)
+
+
+async def serve(
+    settings: Settings, stop: asyncio.Event, hurry: asyncio.Event | None = None
+) -> None:
+    """Serve until `stop` is set, then shut down within COINVOICE_SHUTDOWN_SECONDS.
+
+    1. readiness turns 503 at once, while every request is still served
+       (the drain, so a load balancer takes this receiver out first);
+    2. the listener closes; requests in flight get the rest of the budget;
+    3. Redis is closed and the coroutine returns.
+
+    `hurry` (a second signal: an impatient Ctrl-C) cuts the drain short.
+    """
+    budget = settings.shutdown_seconds
+    drain = drain_seconds(budget)
+    app = create_app(settings)
     runner = web.AppRunner(
-        create_app(settings),
+        app,
         access_log_class=AccessLogger,
         keepalive_timeout=settings.keepalive_seconds,
-        shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
+        # Requests still open when the listener closes get what is left of the budget.
+        shutdown_timeout=max(0.0, budget - drain - CLOSE_MARGIN_SECONDS),
     )
     await runner.setup()
     try:
         await GuardedSite(runner, settings.host, settings.port).start()
+        log.info("receiver_started", host=settings.host, port=settings.port)
         await stop.wait()
+        started = time.monotonic()
+        app[LIFECYCLE].shutting_down = True
+        log.info("receiver_draining", drain_s=drain, shutdown_s=budget)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for((hurry or asyncio.Event()).wait(), drain)
+        log.info("receiver_closing", after_s=round(time.monotonic() - started, 2))
     finally:
-        await runner.cleanup()  # on_shutdown (readiness fails), drain, then cleanup_ctx
+        await runner.cleanup()  # on_shutdown, in-flight requests, then cleanup_ctx
+    log.info("receiver_stopped")
 
 
 def run(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM; then connections drain and the cleanups run."""
+    """`coinvoice receiver`: serve until SIGTERM/SIGINT, drain, exit 0 (see `serve`)."""
     configure_logging(settings.log_format, settings.log_level)
     log.info("receiver_starting", host=settings.host, port=settings.port)
 
     async def main() -> None:
-        stop = asyncio.Event()
+        stop, hurry = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await serve(settings, stop)
+
+        def on_signal(sig: signal.Signals) -> None:
+            (hurry if stop.is_set() else stop).set()
+            log.info("receiver_signal", signal=sig.name)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        await serve(settings, stop, hurry)
 
     asyncio.run(main())
