@@ -104,14 +104,16 @@ def worker(env: dict[str, str], log_dir: Path, n: int = 0) -> Child:
     return Child(f"worker-{n}", ["worker"], env, log_dir / f"worker-{n}.log").start()
 
 
-async def receiver(env: dict[str, str], log_dir: Path) -> tuple[Child, str]:
-    """A receiver on a free port, ready; its base URL."""
-    port = free_port()
+async def receiver(
+    env: dict[str, str], log_dir: Path, port: int | None = None, name: str = "receiver"
+) -> tuple[Child, str]:
+    """A receiver on `port` (default: a free one), ready; its base URL."""
+    port = port or free_port()
     child = Child(
-        "receiver",
+        name,
         ["receiver"],
         {**env, "COINVOICE_PORT": str(port), "COINVOICE_HOST": "127.0.0.1"},
-        log_dir / "receiver.log",
+        log_dir / f"{name}.log",
     ).start()
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
