@@ -105,7 +105,7 @@ def worker(env: dict[str, str], log_dir: Path, n: int = 0) -> Child:
 
 
 async def receiver(
-    env: dict[str, str], log_dir: Path, port: int | None = None, name: str = "receiver"
+    env: dict[str, str], log_dir: Path, name: str = "receiver", port: int | None = None
 ) -> tuple[Child, str]:
     """A receiver on `port` (default: a free one), ready; its base URL."""
     port = port or free_port()

@@ -155,7 +155,7 @@ async def run(
         assert group is not None
         ports = [free_port() for _ in range(RECEIVERS)]
         receivers = [
-            (await processes.receiver(rig.env, rig.tmp, port, f"receiver-{n}"))[0]
+            (await processes.receiver(rig.env, rig.tmp, f"receiver-{n}", port))[0]
             for n, port in enumerate(ports)
         ]
         rig.children += receivers
@@ -190,7 +190,7 @@ async def run(
         await asyncio.sleep(step)
         receivers[0].kill()
         mark("receiver_0_killed")
-        replacement, _ = await processes.receiver(rig.env, rig.tmp, ports[0], "receiver-0b")
+        replacement, _ = await processes.receiver(rig.env, rig.tmp, "receiver-0b", ports[0])
         rig.children.append(replacement)
         mark("receiver_0_replaced")
 
