@@ -48,7 +48,7 @@ from worker.domain.models import Merchant
 from worker.store.redis_server import free_port
 
 INVOICES = 400
-RATE_PER_S = 60
+RATE_PER_S = 30
 CREATES_PER_S = 10
 RECEIVERS = 2
 WORKERS = 2
