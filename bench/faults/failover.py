@@ -57,6 +57,9 @@ WARM_UP_SECONDS = 4.0
 STEP_SECONDS = 3.0
 # A failover (Sentinels' down-after 1 s plus the election) must finish within this (seconds).
 FAILOVER_LIMIT_SECONDS = 30.0
+# The restarted old primary must be a synced replica within this (seconds): Sentinel
+# converts it only after it has reported itself a primary for 8 s (measured: 14-16 s).
+REJOIN_LIMIT_SECONDS = 60.0
 DUPLICATE_FOREIGN_ID = {"errors": {"foreign_id": "The foreign id has already been taken."}}
 
 
@@ -184,7 +187,7 @@ async def run(
         failover_seconds = time.monotonic() - killed_at
         await asyncio.to_thread(old.start)  # the host is back: it rejoins as a replica
         mark("old_primary_restarted")
-        await asyncio.to_thread(group.wait_replicas, promoted, replicas)
+        await asyncio.to_thread(group.wait_replicas, promoted, replicas, REJOIN_LIMIT_SECONDS)
         mark("old_primary_rejoined_as_replica")
 
         await asyncio.sleep(step)
