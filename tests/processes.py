@@ -116,6 +116,12 @@ async def receiver(
         log_dir / f"{name}.log",
     ).start()
     base = f"http://127.0.0.1:{port}"
+    await wait_ready(child, base)
+    return child, base
+
+
+async def wait_ready(child: Child, base: str) -> None:
+    """Until the receiver at `base` answers /health/ready 200 (it must stay alive meanwhile)."""
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
@@ -124,7 +130,7 @@ async def receiver(
             try:
                 async with session.get(base + "/health/ready") as response:
                     if response.status == 200:
-                        return child, base
+                        return
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.05)
