@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,15 @@ from tests.support import (
     Clock,
     create_payload,
     deposit,
+    drain,
     make_settings,
     merchant_post,
     signed_headers,
 )
 from worker.config import Settings
+from worker.domain.money import fmt8
 from worker.ingest.consumer import Ingest, ensure_group
+from worker.mail.loop import Mailer
 from worker.outbox.delivery import Deliverer
 from worker.store import keys
 from worker.store.connection import ReplicationTimeout, connect, replicated
@@ -264,3 +268,48 @@ async def test_worker_batch_stays_pending_while_no_replica_confirms_its_commit(
     assert pending["pending"] == 0
     stored = await app[appkeys.SERVICE].store.get(invoice["id"])
     assert stored is not None and stored.invoice.status.value == "processing"
+
+
+async def test_no_email_leaves_while_no_replica_confirms(
+    pair: ReplicatedRedis,
+    primary: aioredis.Redis,
+    ha_client: TestClient[Any, Any],
+    tmp_path: Path,
+) -> None:
+    """The mail loop fences before sending: a hung replica holds the e-mail back."""
+    merchant = make_merchant("Shop", "http://127.0.0.1:9/callbacks")
+    await MerchantStore(primary).add(merchant)
+    payload = create_payload("mail-1", sender_currency="BTC", email_user="buyer@example.com")
+    status, body = await merchant_post(ha_client, merchant, "/api/v2/invoices/create", payload)
+    assert status == 200, body
+    invoice = body["data"]
+    app = ha_client.server.app
+    service = app[appkeys.SERVICE]
+    underpaid = fmt8(Decimal(invoice["sender_amount"]) / 2)
+    update = deposit(
+        invoice["address"], underpaid, status="confirmed", observed_at=invoice["fixed_at"] + 1
+    )
+    raw = json.dumps(update).encode()
+    headers = signed_headers(PROCESSING_KEY, PROCESSING_SECRET, raw)
+    assert (
+        await ha_client.post("/api/v2/processing/callbacks", data=raw, headers=headers)
+    ).status == 200
+    # Half paid and confirmed: the invoice fails and a payback e-mail is due.
+    await drain(Ingest(app[appkeys.REDIS], service, consumer="t", reclaim_idle_ms=0))
+    settings = make_settings(pair.primary.url, redis_min_replicas=1, maildir=tmp_path / "mail")
+    clock = Clock(ahead=3 * 86_400)
+    mailer = Mailer(app[appkeys.REDIS], service, settings, clock=clock)
+    pair.pause(pair.replicas[0])
+    try:
+        assert (await mailer.run_pass()).sent == 0
+        assert mails(tmp_path / "mail") == []
+    finally:
+        pair.resume(pair.replicas[0])
+    clock.advance(mailer.lease_seconds + 1)
+    assert (await mailer.run_pass()).sent == 1
+    assert len(mails(tmp_path / "mail")) == 1
+
+
+def mails(maildir: Path) -> list[Path]:
+    """The messages written to a Maildir."""
+    return [path for path in maildir.rglob("*") if path.is_file()]
