@@ -22,7 +22,7 @@ from receiver.connections import (
 from receiver.health import LIFECYCLE, Lifecycle, close_while_draining, mark_shutting_down
 from receiver.metrics import METRICS, Metrics, metrics_middleware
 from receiver.routes import setup_routes
-from worker.app.runtime import invoice_service, redis_url, warn_if_demo_keys
+from worker.app.runtime import invoice_service, warn_if_demo_keys
 from worker.config import MAX_BODY_BYTES, Settings
 from worker.ingest.enqueue import Enqueuer
 from worker.logs import configure_logging, get_logger
@@ -42,7 +42,7 @@ CLOSE_MARGIN_SECONDS = 1.0
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Redis and the services on it; closed only if they were opened (cleanup_ctx)."""
     settings = app[appkeys.SETTINGS]
-    redis = connect(redis_url(settings))
+    redis = connect(settings)
     service = invoice_service(redis, settings)
     app[appkeys.REDIS] = redis
     app[appkeys.RATES] = service.rates

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.exceptions import RedisError
 from structlog.testing import capture_logs
 
-from receiver.api.errors import error_middleware
+from receiver.api.errors import UNAVAILABLE_RETRY_AFTER_SECONDS, error_middleware
 from receiver.app import create_app
 from tests.support import (
     PROCESSING_KEY,
@@ -108,7 +108,7 @@ async def call(
 async def test_every_endpoint_answers_503_while_redis_is_down(own_redis: RedisServer) -> None:
     """Stop the real redis-server: no 500 anywhere, 503 `unavailable` with Retry-After."""
     settings = make_settings(own_redis.url)
-    redis = connect(own_redis.url)
+    redis = connect(settings)
     merchant = make_merchant("Shop", "http://127.0.0.1:9/cb")
     await MerchantStore(redis).add(merchant)
     await redis.aclose()
@@ -171,7 +171,7 @@ async def test_any_redis_error_escaping_a_handler_is_a_503() -> None:
         response = await client.get("/x")
         assert response.status == 503
         assert await response.json() == UNAVAILABLE
-        assert response.headers["Retry-After"] == "5"
+        assert response.headers["Retry-After"] == str(UNAVAILABLE_RETRY_AFTER_SECONDS)
 
 
 async def test_openapi_lists_the_503_of_every_operation_that_needs_redis(

@@ -89,21 +89,22 @@ def rates_unavailable() -> ApiError:
     )
 
 
-# Seconds a caller is asked to wait when Redis cannot be reached (a restart or failover).
-UNAVAILABLE_RETRY_AFTER_SECONDS = 5
+def invalid_state(message: str, code: str = "invalid_invoice_state") -> ApiError:
+    return ApiError(400, {"errors": {"error": message, "code": code}})
+
+
+# Seconds a client is told to wait after a 503 `unavailable` (Redis unreachable, or
+# too few replicas confirmed): about one Sentinel failover.
+UNAVAILABLE_RETRY_AFTER_SECONDS = 1
 
 
 def unavailable() -> ApiError:
-    """Spec §11: Redis unreachable (or a write not replicated): retry safely, never a 500."""
+    """Spec §11: Redis unreachable or a write not confirmed by enough replicas; retry."""
     return ApiError(
         503,
         {"error": "Service unavailable", "code": "unavailable"},
         {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_SECONDS)},
     )
-
-
-def invalid_state(message: str, code: str = "invalid_invoice_state") -> ApiError:
-    return ApiError(400, {"errors": {"error": message, "code": code}})
 
 
 def duplicate_foreign_id() -> ApiError:
@@ -133,14 +134,15 @@ def _from_exception(exc: Exception) -> ApiError | None:
         case RatesUnavailable():
             log.warning("rates_unavailable", currencies=list(exc.currencies))
             return rates_unavailable()
-        case RedisError():
-            # Every subclass: connection refused or lost, timeouts, replication shortfalls.
-            log.warning("redis_unavailable", error=type(exc).__name__)
-            return unavailable()
         case ConcurrentModification():
             return ApiError(
                 503, {"error": "Invoice busy, retry", "code": "conflict"}, {"Retry-After": "1"}
             )
+        case RedisError() | OSError():
+            # Redis unreachable (redis-py raises a bare OSError when re-opening a pooled
+            # connection fails) or ReplicationTimeout: the caller's retry is harmless.
+            log.warning("redis_unavailable", error=type(exc).__name__)
+            return unavailable()
     return None
 
 

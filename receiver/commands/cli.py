@@ -16,10 +16,9 @@ from typing import Any
 
 from receiver.commands import operator, simulate
 from receiver.commands.merchant import PRIVATE_HINT, callback_url_problem
-from worker.app.runtime import RedisUrlMissing, redis_url
 from worker.config import Settings, load_settings
 from worker.logs import configure_logging
-from worker.store.connection import connect
+from worker.store.connection import RedisUrlMissing, connect
 from worker.store.merchants import MerchantExists, MerchantStore, make_merchant
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -80,7 +79,8 @@ async def _check(settings: Settings) -> int:
 def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
     # Without COINVOICE_REDIS_URL the merchant goes into the Redis of a running
     # `coinvoice up`, whose worker delivers to private addresses (its demo does).
-    allow_private = settings.allow_private_callbacks or not settings.redis_url
+    embedded = not (settings.redis_url or settings.redis_sentinels)
+    allow_private = settings.allow_private_callbacks or embedded
     problem = callback_url_problem(args.callback_url, allow_private)
     if problem is not None:
         print(f"coinvoice: --callback-url {args.callback_url}: {problem}", file=sys.stderr)
@@ -99,7 +99,7 @@ def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
     )
 
     async def add() -> int:
-        redis = connect(redis_url(settings))
+        redis = connect(settings)
         try:
             await MerchantStore(redis).add(merchant)
         except MerchantExists:

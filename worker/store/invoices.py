@@ -25,7 +25,7 @@ from worker.domain.models import Invoice
 from worker.domain.money import fmt8
 from worker.store import keys
 from worker.store.codec import dump_invoice, load_invoice
-from worker.store.connection import awaited
+from worker.store.connection import acknowledged, awaited, replicated
 from worker.store.scripts import Scripts
 
 
@@ -69,9 +69,20 @@ class InvoiceStore:
     async def create(self, invoice: Invoice) -> None:
         """Store a new invoice; raise `DuplicateForeignId` if the foreign id is taken."""
         keys_, args = self.create_call(invoice)
-        created, existing = await self.scripts.create(keys=keys_, args=args)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self.scripts.create(keys=keys_, args=args, client=pipe)
+            [(created, existing)] = await acknowledged(self.redis, pipe)
         if not int(created):
-            raise DuplicateForeignId(int(existing))
+            raise await self.taken(int(existing))
+
+    async def taken(self, existing: int) -> DuplicateForeignId:
+        """The error for a foreign id in use, once the replicas hold that invoice.
+
+        Often the answer to a retry after a 503: "it exists" may be said only
+        when a failover cannot forget it (ReplicationTimeout otherwise).
+        """
+        await replicated(self.redis)
+        return DuplicateForeignId(existing)
 
     async def queue_create(self, pipe: Pipeline, invoice: Invoice) -> None:
         """Add a create to a pipeline (bulk loads); its result is `[1, id]` or `[0, existing]`."""
@@ -136,7 +147,10 @@ class InvoiceStore:
     async def commit(self, stored: Stored, transition: Transition, now: int) -> bool:
         """Write `transition` if the invoice is still at `stored.version`; False on a conflict."""
         keys_, args = self.commit_call(stored, transition, now)
-        return bool(await self.scripts.commit(keys=keys_, args=args))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self.scripts.commit(keys=keys_, args=args, client=pipe)
+            [version] = await acknowledged(self.redis, pipe)
+        return bool(version)
 
     async def queue_commit(
         self, pipe: Pipeline, stored: Stored, transition: Transition, now: int

@@ -23,6 +23,8 @@ WORKERS = PREFIX + "workers"  # zset worker name → last heartbeat (unix second
 RATES = PREFIX + "rates"  # hash market symbol → "{price} {as of, unix s} {sources}"
 RATES_LEADER = PREFIX + "rates:leader"  # string: the worker refreshing rates (a lease)
 RATES_SOURCES = PREFIX + "rates:sources"  # hash "{source}:ok_at|errors|error" → value
+# INCR counter a sender bumps before WAIT, so the WAIT covers every commit it has read.
+FENCE = PREFIX + "fence"
 
 
 def merchant(key: str) -> str:
