@@ -12,7 +12,7 @@ from receiver.api.errors import error_middleware
 from receiver.health import LIFECYCLE, Lifecycle, mark_shutting_down
 from receiver.metrics import METRICS, Metrics, metrics_middleware
 from receiver.routes import setup_routes
-from worker.app.runtime import invoice_service, redis_url
+from worker.app.runtime import invoice_service
 from worker.config import MAX_BODY_BYTES, Settings
 from worker.ingest.enqueue import Enqueuer
 from worker.logs import configure_logging, get_logger
@@ -25,7 +25,7 @@ log = get_logger(__name__)
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Redis and the services on it; closed only if they were opened (cleanup_ctx)."""
     settings = app[appkeys.SETTINGS]
-    redis = connect(redis_url(settings))
+    redis = connect(settings)
     service = invoice_service(redis, settings)
     app[appkeys.REDIS] = redis
     app[appkeys.RATES] = service.rates

@@ -22,8 +22,8 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from receiver.commands.up import SINK_PATH, sink_app
-from worker.app.runtime import REDIS_URL_FILE
 from worker.domain.signing import sign
+from worker.store.connection import REDIS_URL_FILE
 from worker.store.merchants import MerchantStore, make_merchant
 from worker.store.redis_server import free_port
 

@@ -44,6 +44,14 @@ def _split_pairs(value: object) -> object:
     return pairs
 
 
+def _host_port(item: str) -> tuple[str, int]:
+    """``" 10.0.0.1:26379 "`` → ``("10.0.0.1", 26379)``; the port is required."""
+    host, sep, port = item.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {item.strip()!r}")
+    return host.strip("[]"), int(port)
+
+
 class Settings(BaseSettings):
     """All configuration of receiver, worker and CLI."""
 
@@ -51,6 +59,14 @@ class Settings(BaseSettings):
 
     # Unset: `coinvoice up` runs an embedded Redis and exports its URL to its children.
     redis_url: str | None = None
+    # Sentinel mode (spec §11): "host:port,host:port"; set, it wins over redis_url and
+    # every process asks the Sentinels for the current primary of `redis_sentinel_master`.
+    redis_sentinels: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()
+    redis_sentinel_master: str = "coinvoice"
+    # A write is acknowledged (200, or a callback sent) only once this many replicas
+    # hold it (Redis WAIT); fewer within redis_wait_timeout_ms (milliseconds) is a 503.
+    redis_min_replicas: int = Field(default=0, ge=0)
+    redis_wait_timeout_ms: int = Field(default=1000, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     # Base of invoice URLs handed to customers; defaults to http://host:port.
@@ -107,6 +123,13 @@ class Settings(BaseSettings):
     @classmethod
     def _pairs(cls, value: object) -> object:
         return _split_pairs(value)
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _sentinels(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(_host_port(item) for item in value.split(",") if item.strip())
+        return value
 
     @field_validator("callback_retry_schedule", mode="before")
     @classmethod

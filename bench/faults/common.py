@@ -31,7 +31,7 @@ from tests.support import make_settings
 from worker.app.runtime import invoice_service
 from worker.domain.models import Merchant
 from worker.services.invoices import InvoiceService
-from worker.store.connection import connect
+from worker.store.connection import connect_url
 from worker.store.merchants import MerchantStore, make_merchant
 from worker.store.redis_server import RedisServer, free_port
 
@@ -84,7 +84,7 @@ async def rig(name: str, invoices: int, seed: int) -> AsyncIterator[Rig]:
     """Redis (AOF, appendfsync always), a sink process, `invoices` invoices with plans."""
     stack.quiet_logging()
     with stack.scratch_dir(name) as tmp, stack.redis_server(tmp) as server:
-        redis = connect(server.url)  # rides out a Redis restart, like the workers do
+        redis = connect_url(server.url)  # rides out a Redis restart, like the workers do
         port = free_port()
         merchant = make_merchant("Fault shop", f"http://127.0.0.1:{port}/callbacks")
         await MerchantStore(redis).add(merchant)

@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from redis.exceptions import RedisError
 
 from receiver.accesslog import route_pattern
 from worker.domain.addresses import NoAddressAvailable
@@ -64,6 +65,20 @@ def invalid_state(message: str, code: str = "invalid_invoice_state") -> ApiError
     return ApiError(400, {"errors": {"error": message, "code": code}})
 
 
+# Seconds a client is told to wait after a 503 `unavailable` (Redis unreachable, or
+# too few replicas confirmed): about one Sentinel failover.
+UNAVAILABLE_RETRY_AFTER_SECONDS = 1
+
+
+def unavailable() -> ApiError:
+    """Spec §11: Redis unreachable or a write not confirmed by enough replicas; retry."""
+    return ApiError(
+        503,
+        {"error": "Service unavailable", "code": "unavailable"},
+        {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_SECONDS)},
+    )
+
+
 def duplicate_foreign_id() -> ApiError:
     return field_errors({"foreign_id": "The foreign id has already been taken."})
 
@@ -92,6 +107,11 @@ def _from_exception(exc: Exception) -> ApiError | None:
             return ApiError(
                 503, {"error": "Invoice busy, retry", "code": "conflict"}, {"Retry-After": "1"}
             )
+        case RedisError() | OSError():
+            # Redis unreachable (redis-py raises a bare OSError when re-opening a pooled
+            # connection fails) or ReplicationTimeout: the caller's retry is harmless.
+            log.warning("redis_unavailable", error=type(exc).__name__)
+            return unavailable()
     return None
 
 

@@ -16,10 +16,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from receiver.commands import operator, simulate
-from worker.app.runtime import RedisUrlMissing, redis_url
 from worker.config import Settings, load_settings
 from worker.logs import configure_logging
-from worker.store.connection import connect
+from worker.store.connection import RedisUrlMissing, connect
 from worker.store.merchants import MerchantExists, MerchantStore, make_merchant
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -95,7 +94,7 @@ def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
     )
 
     async def add() -> int:
-        redis = connect(redis_url(settings))
+        redis = connect(settings)
         try:
             await MerchantStore(redis).add(merchant)
         except MerchantExists:

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from redis.asyncio import Redis
 
-from worker.app.runtime import invoice_service, redis_url
+from worker.app.runtime import invoice_service
 from worker.config import Settings
 from worker.services import operations
 from worker.services.invoices import InvoiceNotFound, InvoiceService
@@ -24,7 +24,7 @@ from worker.store.invoices import Stored
 
 async def orphans(settings: Settings) -> int:
     """Print each orphan deposit once, its recorded updates merged (spec §8)."""
-    redis = connect(redis_url(settings))
+    redis = connect(settings)
     try:
         found = await operations.orphans(redis)
     finally:
@@ -39,7 +39,7 @@ async def _invoice_of(
     settings: Settings, merchant: str, foreign_id: str
 ) -> AsyncIterator[tuple[Redis, InvoiceService, Stored]]:
     """Redis, the service and the merchant's invoice; InvoiceNotFound if there is none."""
-    redis = connect(redis_url(settings))
+    redis = connect(settings)
     try:
         service = invoice_service(redis, settings)
         yield redis, service, await service.by_foreign_id(merchant, foreign_id)

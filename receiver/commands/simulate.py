@@ -10,7 +10,7 @@ import time
 
 import aiohttp
 
-from worker.app.runtime import policy_from, redis_url
+from worker.app.runtime import policy_from
 from worker.config import Settings
 from worker.domain.currencies import FileRateProvider, crypto_codes
 from worker.domain.signing import sign
@@ -20,7 +20,7 @@ from worker.store.invoices import InvoiceStore
 
 async def _currency_of(settings: Settings, address: str) -> str | None:
     """The currency of the invoice that owns `address`, looked up in Redis."""
-    redis = connect(redis_url(settings))
+    redis = connect(settings)
     try:
         codes = crypto_codes(FileRateProvider.load(settings.rates_file))
         store = InvoiceStore(redis, policy_from(settings))

@@ -34,12 +34,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from worker.app.main import check as worker_alive
-from worker.app.runtime import REDIS_URL_FILE
 from worker.config import Settings
 from worker.domain.models import Merchant
 from worker.domain.signing import sign, verify
 from worker.logs import configure_logging, get_logger
-from worker.store.connection import connect
+from worker.store.connection import REDIS_URL_FILE, connect_url
 from worker.store.merchants import (
     MerchantStore,
     make_merchant,
@@ -115,7 +114,7 @@ class Supervisor:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 url = await stack.enter_async_context(self._redis())
-                redis = connect(url)
+                redis = connect_url(url)
                 stack.push_async_callback(redis.aclose)
                 merchant, sink_url = await stack.enter_async_context(self._sink(redis))
                 stack.push_async_callback(self._stop_children)

@@ -26,7 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
-from worker.app.runtime import invoice_service, redis_url
+from worker.app.runtime import invoice_service
 from worker.config import Settings
 from worker.ingest.consumer import Ingest
 from worker.logs import configure_logging, get_logger
@@ -34,7 +34,7 @@ from worker.mail.loop import run_mail_loop
 from worker.outbox.delivery import Deliverer
 from worker.services.invoices import InvoiceService
 from worker.store import keys
-from worker.store.connection import REDIS_RETRIES, connect
+from worker.store.connection import REDIS_RETRIES, connect, redis_url
 
 log = get_logger(__name__)
 
@@ -127,7 +127,7 @@ LOOPS: list[tuple[str, Callable[[Context], Coroutine[Any, Any, None]]]] = [
 
 async def startup(ctx: Context) -> None:
     settings = ctx["settings"]
-    redis = connect(redis_url(settings))
+    redis = connect(settings)
     ctx["store_redis"] = redis
     ctx["service"] = invoice_service(redis, settings)
     ctx["name"] = worker_name()
@@ -166,9 +166,20 @@ async def shutdown(ctx: Context) -> None:
     log.info("worker_stopped", worker=ctx.get("name"))
 
 
-def arq_redis_settings(url: str) -> RedisSettings:
-    """arq's connection, retrying through a Redis restart like our own client does."""
-    base = RedisSettings.from_dsn(url)
+def arq_redis_settings(settings: Settings) -> RedisSettings:
+    """arq's connection to the same Redis as ours, retrying through a restart like ours.
+
+    In Sentinel mode arq asks the Sentinels for the primary on every
+    connection (arq's own sentinel support), so it follows a failover too.
+    """
+    if settings.redis_sentinels:
+        base = RedisSettings(
+            host=list(settings.redis_sentinels),
+            sentinel=True,
+            sentinel_master=settings.redis_sentinel_master,
+        )
+    else:
+        base = RedisSettings.from_dsn(redis_url(settings))
     return replace(
         base,
         retry_on_timeout=True,
@@ -210,7 +221,7 @@ def build_worker(settings: Settings) -> Worker:
             )
         ],
         queue_name=QUEUE_NAME,
-        redis_settings=arq_redis_settings(redis_url(settings)),
+        redis_settings=arq_redis_settings(settings),
         on_startup=startup,  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]
         on_shutdown=shutdown,  # type: ignore[arg-type]
         ctx={"settings": settings},
@@ -228,7 +239,7 @@ def run(settings: Settings) -> None:
 
 async def check(settings: Settings) -> bool:
     """Is at least one worker alive with all its loops? (`coinvoice worker --check`)"""
-    redis = connect(redis_url(settings))
+    redis = connect(settings)
     try:
         since = time.time() - HEARTBEAT_STALE_SECONDS
         alive = await redis.zrangebyscore(keys.WORKERS, since, "+inf")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from redis.asyncio import Redis
 
 from worker.config import Settings
@@ -16,25 +14,6 @@ from worker.store.addresses import RedisAddressProvider
 from worker.store.invoices import InvoiceStore
 
 log = get_logger(__name__)
-
-# `coinvoice up` writes the embedded Redis URL here, so other commands find it.
-REDIS_URL_FILE = "redis.url"
-
-
-class RedisUrlMissing(RuntimeError):
-    """Neither COINVOICE_REDIS_URL nor a running `coinvoice up` names a Redis."""
-
-
-def redis_url(settings: Settings) -> str:
-    """COINVOICE_REDIS_URL, else the embedded Redis of a running `coinvoice up`."""
-    if settings.redis_url:
-        return settings.redis_url
-    state = Path(settings.data_dir) / REDIS_URL_FILE
-    if state.exists():
-        return state.read_text().strip()
-    raise RedisUrlMissing(
-        "COINVOICE_REDIS_URL is not set and no `coinvoice up` is running in this folder"
-    )
 
 
 def policy_from(settings: Settings) -> Policy:

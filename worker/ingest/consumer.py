@@ -37,7 +37,7 @@ from worker.logs import get_logger
 from worker.services.invoices import MAX_CAS_ATTEMPTS, InvoiceService, log_change
 from worker.store import keys
 from worker.store.codec import dump_update, load_update
-from worker.store.connection import awaited
+from worker.store.connection import acknowledged, awaited
 from worker.store.invoices import Stored
 
 log = get_logger(__name__)
@@ -229,7 +229,8 @@ class Ingest:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stored, transition, _ in commits:
                     await store.queue_commit(pipe, stored, transition, now)
-                results = await pipe.execute()
+                # On too few replicas the batch stays unacknowledged and is applied again.
+                results = await acknowledged(self.redis, pipe)
             lost: set[int] = set()
             for (stored, transition, changed), version in zip(commits, results, strict=True):
                 if not version:

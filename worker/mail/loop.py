@@ -39,7 +39,7 @@ from worker.config import Settings
 from worker.domain.models import Invoice
 from worker.logs import get_logger
 from worker.store import keys
-from worker.store.connection import awaited
+from worker.store.connection import awaited, replicated
 
 if TYPE_CHECKING:
     from worker.services.invoices import InvoiceService
@@ -188,6 +188,8 @@ class Mailer:
                     return parked.state
                 continue
             invoice = None if stored is None else stored.invoice
+            # No e-mail leaves for a state a failover could forget (else retried after the lease).
+            await replicated(self.redis)
             attempt, rendered = await self._try(invoice, record)
             return await self._record(invoice_id, invoice, raw, record, attempt, rendered)
         log.error("mail_record_contended", invoice_id=invoice_id, cause=cause)

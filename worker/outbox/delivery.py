@@ -45,6 +45,7 @@ from worker.outbox.webhooks import headers
 from worker.services.invoices import bound
 from worker.store import keys
 from worker.store.batching import GroupCommit
+from worker.store.connection import replicated
 from worker.store.deliveries import Outcome, record_call
 from worker.store.invoices import InvoiceStore
 from worker.store.merchants import MerchantStore
@@ -197,6 +198,8 @@ class Deliverer:
             return 0
         ids = [int(member) for member in claimed]
         loaded = await self.store.get_many(ids)
+        # No snapshot leaves before the replicas hold it (else the lease runs out: retried).
+        await replicated(self.redis)
         gone = [invoice_id for invoice_id in ids if invoice_id not in loaded]
         later: list[int] = []
         for invoice_id in ids:

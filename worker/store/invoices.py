@@ -25,7 +25,7 @@ from worker.domain.models import Invoice
 from worker.domain.money import fmt8
 from worker.store import keys
 from worker.store.codec import dump_invoice, load_invoice
-from worker.store.connection import awaited
+from worker.store.connection import acknowledged, awaited
 from worker.store.scripts import Scripts
 
 
@@ -69,7 +69,9 @@ class InvoiceStore:
     async def create(self, invoice: Invoice) -> None:
         """Store a new invoice; raise `DuplicateForeignId` if the foreign id is taken."""
         keys_, args = self.create_call(invoice)
-        created, existing = await self.scripts.create(keys=keys_, args=args)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self.scripts.create(keys=keys_, args=args, client=pipe)
+            [(created, existing)] = await acknowledged(self.redis, pipe)
         if not int(created):
             raise DuplicateForeignId(int(existing))
 
@@ -133,7 +135,10 @@ class InvoiceStore:
     async def commit(self, stored: Stored, transition: Transition, now: int) -> bool:
         """Write `transition` if the invoice is still at `stored.version`; False on a conflict."""
         keys_, args = self.commit_call(stored, transition, now)
-        return bool(await self.scripts.commit(keys=keys_, args=args))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self.scripts.commit(keys=keys_, args=args, client=pipe)
+            [version] = await acknowledged(self.redis, pipe)
+        return bool(version)
 
     async def queue_commit(
         self, pipe: Pipeline, stored: Stored, transition: Transition, now: int

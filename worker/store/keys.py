@@ -20,6 +20,8 @@ DELIVERY_DUE = PREFIX + "dlv:due"  # zset invoice id → next attempt time
 MAIL_DUE = PREFIX + "mail:due"  # zset "{invoice id}:{cause}" → due time
 MERCHANTS = PREFIX + "merchants"  # set of merchant keys
 WORKERS = PREFIX + "workers"  # zset worker name → last heartbeat (unix seconds)
+# INCR counter a sender bumps before WAIT, so the WAIT covers every commit it has read.
+FENCE = PREFIX + "fence"
 
 
 def merchant(key: str) -> str:

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from worker.domain.models import Merchant
 from worker.store import keys
 from worker.store.codec import dump_merchant, load_merchant
-from worker.store.connection import awaited
+from worker.store.connection import acknowledged
 
 
 class MerchantExists(Exception):
@@ -39,12 +39,13 @@ class MerchantStore:
 
     async def add(self, merchant: Merchant) -> None:
         """Register a merchant; refuse a key that exists (keys are never reassigned)."""
-        created = await self.redis.set(
-            keys.merchant(merchant.key), dump_merchant(merchant), nx=True
-        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.merchant(merchant.key), dump_merchant(merchant), nx=True)
+            # Harmless when the key exists: that merchant is in the set already.
+            pipe.sadd(keys.MERCHANTS, merchant.key)
+            created, _ = await acknowledged(self.redis, pipe)
         if not created:
             raise MerchantExists(merchant.key)
-        await awaited(self.redis.sadd(keys.MERCHANTS, merchant.key))
 
     async def replace(self, merchant: Merchant) -> None:
         """Store a changed record of an existing merchant (same key)."""

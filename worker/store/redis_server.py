@@ -50,6 +50,8 @@ class RedisServer:
     data_dir: Path
     port: int = field(default_factory=free_port)
     appendfsync: str = "always"
+    # More redis-server options, e.g. ("--replicaof", "127.0.0.1", "6380") for a replica.
+    extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -68,6 +70,7 @@ class RedisServer:
             "--save", "",
             "--daemonize", "no",
             "--logfile", "redis.log",
+            *self.extra_args,
         ]  # fmt: skip
         self.process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
             args,

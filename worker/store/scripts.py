@@ -37,3 +37,4 @@ class Scripts:
         self.claim_due: AsyncScript = redis.register_script(source("claim_due"))
         self.delivery_done: AsyncScript = redis.register_script(source("delivery_done"))
         self.redeliver: AsyncScript = redis.register_script(source("redeliver"))
+        self.append: AsyncScript = redis.register_script(source("append"))
