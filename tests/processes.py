@@ -104,16 +104,22 @@ def worker(env: dict[str, str], log_dir: Path, n: int = 0) -> Child:
     return Child(f"worker-{n}", ["worker"], env, log_dir / f"worker-{n}.log").start()
 
 
-async def receiver(env: dict[str, str], log_dir: Path) -> tuple[Child, str]:
+async def receiver(env: dict[str, str], log_dir: Path, name: str = "receiver") -> tuple[Child, str]:
     """A receiver on a free port, ready; its base URL."""
     port = free_port()
     child = Child(
-        "receiver",
+        name,
         ["receiver"],
         {**env, "COINVOICE_PORT": str(port), "COINVOICE_HOST": "127.0.0.1"},
-        log_dir / "receiver.log",
+        log_dir / f"{name}.log",
     ).start()
     base = f"http://127.0.0.1:{port}"
+    await wait_ready(child, base)
+    return child, base
+
+
+async def wait_ready(child: Child, base: str) -> None:
+    """Until the receiver at `base` answers /health/ready 200 (it must stay alive meanwhile)."""
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
@@ -122,7 +128,7 @@ async def receiver(env: dict[str, str], log_dir: Path) -> tuple[Child, str]:
             try:
                 async with session.get(base + "/health/ready") as response:
                     if response.status == 200:
-                        return child, base
+                        return
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.05)
