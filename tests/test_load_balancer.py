@@ -145,3 +145,29 @@ async def assert_nothing_lost(redis: aioredis.Redis, merchant: Merchant, traffic
     assert {d.tx_id for d in traffic.done} <= await acknowledged_tx_ids(redis)
     created = await created_foreign_ids(redis, merchant)
     assert sorted(created) == sorted(d.foreign_id for d in traffic.done)
+
+
+async def test_stopping_a_receiver_under_load_drains_it_without_a_refusal(
+    pair: Pair, redis: aioredis.Redis, merchant: Merchant
+) -> None:
+    """SIGTERM one receiver mid-load: HAProxy takes it out while it drains; it exits 0."""
+    traffic, stopped_at, exit_code = await run_losing_one(pair, merchant, "term")
+
+    await pair.balancer.wait_states({"receiver1": "DOWN", "receiver2": "UP"})
+    after = [d for d in traffic.done if d.finished_at > stopped_at]
+    record(
+        "sigterm",
+        {
+            "operations": len(traffic.done),
+            "after_stop": len(after),
+            "client_refusals": traffic.refusals,
+            "exit_code": exit_code,
+        },
+    )
+    assert exit_code == 0
+    assert len(after) >= CLIENTS
+    assert traffic.refusals == {}
+    # Taken out by its failing readiness while it still served, not by a refused connection.
+    log = (pair.balancer.work_dir / "haproxy.log").read_text()
+    assert "receivers/receiver1 is DOWN, reason: Layer7 wrong status, code: 503" in log
+    await assert_nothing_lost(redis, merchant, traffic)
