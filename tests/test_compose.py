@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests import containers as podman_here
-from tests.containers import REPO, pay_an_invoice, podman
+from tests.containers import REPO, apodman, pay_an_invoice, podman
 from tests.sink import Sink, running_sink
 from tests.support import PROCESSING_KEY, PROCESSING_SECRET
 from worker.store import keys
@@ -134,3 +134,18 @@ async def test_compose_pays_an_invoice_through_haproxy(
         assert await replica.exists(fid)
     finally:
         await replica.aclose()
+
+
+async def test_a_backup_streamed_from_the_replica_is_a_valid_snapshot(
+    deployment: dict[str, str],
+) -> None:
+    """deploy/README.md's backup command, `redis-cli --rdb` against the replica, writes an
+    RDB file that redis-check-rdb accepts."""
+    replica = f"{deployment['PROJECT']}_redis-replica_1"
+    backup = "/tmp/coinvoice-backup.rdb"
+    taken = await apodman(
+        "exec", replica, "redis-cli", "-p", str(PRIMARY_PORT + 1), "--rdb", backup
+    )
+    assert "Transfer finished" in taken.stdout + taken.stderr
+    checked = await apodman("exec", replica, "redis-check-rdb", backup)
+    assert "RDB looks OK" in checked.stdout + checked.stderr
