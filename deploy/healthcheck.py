@@ -5,7 +5,8 @@ The container's main process (PID 1) says which role this is:
 * `coinvoice receiver`: `GET /health/live` on the receiver's own port must answer 200
   (liveness, not readiness: a Redis outage must not get every receiver restarted;
   load balancers check `/health/ready` themselves);
-* `coinvoice worker`: `coinvoice worker --check` (a worker heartbeat on this Redis);
+* `coinvoice worker`: `coinvoice worker --check --this-host` (a fresh heartbeat of a worker
+  on this container's host name, i.e. this container's own unless host names are shared);
 * anything else (a one-off `coinvoice merchant add`): healthy.
 
 Standard library only, and no new process for the receiver, so a check costs little.
@@ -58,7 +59,7 @@ def main() -> int:
     if which == "receiver":
         return 0 if receiver_alive() else 1
     if which == "worker":
-        os.execvp("coinvoice", ["coinvoice", "worker", "--check"])  # noqa: S606, S607 - on PATH in the image
+        os.execvp("coinvoice", ["coinvoice", "worker", "--check", "--this-host"])  # noqa: S606, S607 - on PATH in the image
     return 0
 
 

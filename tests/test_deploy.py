@@ -79,13 +79,14 @@ def test_pods_get_longer_than_the_shutdown_time_to_stop() -> None:
 
 
 def test_probes_ask_the_health_endpoints_and_the_worker_check() -> None:
-    """Receivers: ready on /health/ready, live on /health/live; workers: `worker --check`."""
+    """Receivers: ready on /health/ready, live on /health/live; workers: their own
+    heartbeat, `worker --check --this-host`."""
     receiver = container("coinvoice-receiver")
     assert receiver["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert receiver["livenessProbe"]["httpGet"]["path"] == "/health/live"
     worker = container("coinvoice-worker")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert worker[probe]["exec"]["command"] == ["coinvoice", "worker", "--check"]
+        assert worker[probe]["exec"]["command"] == ["coinvoice", "worker", "--check", "--this-host"]
 
 
 def test_pods_run_as_the_images_non_root_user_read_only_with_limits() -> None:
