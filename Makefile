@@ -63,7 +63,7 @@ faults: venv ## fault runs: workers killed, Redis restarted, merchant down, dupl
 		echo "== $$script"; $(BIN)/python "$$script"; \
 	done
 
-failover: venv ## three full failover runs on a Sentinel group (issue 11); one JSON report each
+failover: venv haproxy ## three full failover runs on a Sentinel group (issue 11); one JSON report each
 	$(BIN)/python bench/faults/failover.py --runs 3
 
 # ---------------------------------------------------------------- the container image

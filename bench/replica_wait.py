@@ -10,7 +10,12 @@ a WAIT for the replica), measured one after the other, twice, in the same run:
 * throughput and latency at CONNECTIONS connections (receiver_throughput.py's
   load: wrk when installed, else bench/harness/loadgen.py);
 * the latency of one request at a time (SEQUENTIAL requests on one connection),
-  which is what a lone processing layer waits for.
+  which is what a lone processing layer waits for;
+* Redis alone, without HTTP: REDIS_ROUND_TRIPS sequential `SET` pipelines
+  with and without `WAIT 1`, the bare price of the replica's acknowledgement.
+
+WAIT returns when the replica has *received* the write (its REPLCONF ACK
+offset), not when it has fsynced it: Redis 7.0 has no WAITAOF.
 
 On loopback the replica is microseconds away; across hosts every WAIT adds a
 network round trip to it, so add that RTT to the one-at-a-time numbers.
@@ -36,9 +41,11 @@ from bench.receiver_throughput import BODIES, CONNECTIONS, MEASURE_SECONDS, PATH
 from bench.receiver_throughput import signed_bodies as make_bodies
 from tests.replication import ReplicatedRedis
 from tests.support import PROCESSING_KEY
+from worker.store.connection import connect_url
 
 ROUNDS = 2
 SEQUENTIAL = 300
+REDIS_ROUND_TRIPS = 2000
 
 
 async def one_at_a_time(port: int, bodies: list[tuple[bytes, str]]) -> dict[str, float]:
@@ -61,6 +68,29 @@ async def one_at_a_time(port: int, bodies: list[tuple[bytes, str]]) -> dict[str,
     return {"p50_ms": round(cuts[49], 3), "p99_ms": round(cuts[98], 3)}
 
 
+async def redis_only(url: str) -> dict[str, float]:
+    """p50/p99 of a SET pipeline, and of SET + WAIT 1, one at a time (microseconds)."""
+    client = connect_url(url)
+    out: dict[str, float] = {}
+    try:
+        for label, wait in (("set", False), ("set_wait_1", True)):
+            latencies = []
+            for n in range(REDIS_ROUND_TRIPS):
+                started = time.perf_counter()
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.set("bench:wait", n)
+                    if wait:
+                        pipe.wait(1, 1000)
+                    results = await pipe.execute()
+                latencies.append((time.perf_counter() - started) * 1e6)
+                assert not wait or results[-1] == 1, results
+            cuts = statistics.quantiles(latencies, n=100)
+            out[f"{label}_p50_us"], out[f"{label}_p99_us"] = round(cuts[49]), round(cuts[98])
+    finally:
+        await client.aclose()
+    return out
+
+
 async def main() -> dict[str, Any]:
     stack.quiet_logging()
     out: dict[str, Any] = {"benchmark": "replica_wait", "machine": machine.describe()}
@@ -77,6 +107,7 @@ async def main() -> dict[str, Any]:
                 "replicas": 1,
                 "redis_appendfsync": "always (primary and replica)",
             }
+            out["redis_only"] = await redis_only(group.primary.url)
             receivers = {}
             for replicas in (0, 1):
                 env = stack.child_env(group.primary.url, COINVOICE_REDIS_MIN_REPLICAS=str(replicas))

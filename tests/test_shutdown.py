@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -20,9 +22,18 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests import processes
-from tests.support import deposit
+from tests.scenarios import create_plans, mismatches, reference
+from tests.sink import Behaviour, running_sink
+from tests.support import deposit, eventually
+from worker.app.runtime import invoice_service
+from worker.config import Settings
+from worker.domain.models import Merchant
+from worker.ingest.consumer import ensure_group
+from worker.ingest.enqueue import enqueue
 from worker.store import keys
-from worker.store.codec import load_update
+from worker.store.codec import dump_update, load_update
+from worker.store.deliveries import delivery_log
+from worker.store.merchants import MerchantStore, make_merchant
 from worker.store.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -45,16 +56,13 @@ async def status_of(session: aiohttp.ClientSession, url: str) -> tuple[int, str 
         return 0, None
 
 
-async def wait_status(
-    session: aiohttp.ClientSession, url: str, wanted: int, within: float
-) -> float:
-    """Poll `url` until it answers `wanted` (0: nothing listens any more); seconds it took."""
-    started = time.monotonic()
-    while time.monotonic() - started < within:
-        if (await status_of(session, url))[0] == wanted:
-            return time.monotonic() - started
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{url} did not answer {wanted} within {within}s")
+def status_probe(session: aiohttp.ClientSession, url: str) -> Callable[[], Awaitable[int]]:
+    """A probe for `support.eventually`: the status `url` answers (0: nothing listens)."""
+
+    async def probe() -> int:
+        return (await status_of(session, url))[0]
+
+    return probe
 
 
 async def test_receiver_drains_then_finishes_in_flight_requests_and_exits_0(
@@ -73,11 +81,12 @@ async def test_receiver_drains_then_finishes_in_flight_requests_and_exits_0(
             await asyncio.sleep(0.2)
             signalled = time.monotonic()
             child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-            await wait_status(session, base + "/health/ready", 503, within=0.5)
+            # "At once": well before the first HAProxy check could notice anything else.
+            await eventually(status_probe(session, base + "/health/ready"), 503, 0.5, 0.02)
             # Still serving during the drain, and asking clients to reconnect elsewhere.
             assert await status_of(session, base + "/health/live") == (200, "close")
             # The listener closes after the drain, while the callback is still in flight.
-            await wait_status(session, base + "/health/live", 0, within=SHUTDOWN_SECONDS)
+            await eventually(status_probe(session, base + "/health/live"), 0, SHUTDOWN_SECONDS)
             closed_after = time.monotonic() - signalled
             assert not in_flight.done()
             assert await in_flight == 200
@@ -102,10 +111,98 @@ async def test_a_second_signal_cuts_the_receivers_drain_short(
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             signalled = time.monotonic()
             child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-            await wait_status(session, base + "/health/ready", 503, within=1.0)
+            await eventually(status_probe(session, base + "/health/ready"), 503, 1.0, 0.02)
         child.process.send_signal(signal.SIGINT)  # type: ignore[union-attr]
         code = await asyncio.to_thread(child.process.wait, 10)  # type: ignore[union-attr]
     finally:
         child.kill()
     assert code == 0
     assert time.monotonic() - signalled < 3.0
+
+
+async def group_consumers(redis: aioredis.Redis) -> dict[str, int]:
+    """The updates group's consumers and how many entries each holds unacknowledged."""
+    consumers = await redis.xinfo_consumers(keys.UPDATES, keys.UPDATES_GROUP)
+    return {info["name"].decode(): info["pending"] for info in consumers}
+
+
+async def test_worker_finishes_its_batch_leaves_the_group_and_exits_0(
+    redis: aioredis.Redis,
+    redis_server: RedisServer,
+    settings: Settings,
+    merchant: Merchant,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while updates flow: the batch in hand is applied, nothing left pending, exit 0."""
+    rng = random.Random(11)
+    service = invoice_service(redis, settings)
+    plans = await create_plans(service, merchant, 100, rng)
+    entries = [dump_update(u) for plan in plans for u in plan.updates]
+    entries += [dump_update(u) for u in rng.choices([u for p in plans for u in p.updates], k=3000)]
+    rng.shuffle(entries)
+    await ensure_group(redis)
+    env = processes.child_env(redis_server.url, COINVOICE_SHUTDOWN_SECONDS=str(SHUTDOWN_SECONDS))
+    first = processes.worker(env, tmp_path, 0)
+    try:
+        # Feed the stream in slices so the worker is busy with batches when it is stopped.
+        half = len(entries) // 2
+        for start in range(0, half, 256):
+            await enqueue(redis, entries[start : min(start + 256, half)])
+            await asyncio.sleep(0.02)
+
+        async def applied_some() -> bool:
+            return bool((await processes.ingest_stats(redis)).get("entries"))
+
+        await eventually(applied_some, True)
+        signalled = time.monotonic()
+        first.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        await enqueue(redis, entries[half:])
+        code = await asyncio.to_thread(first.process.wait, SHUTDOWN_SECONDS + 2)  # type: ignore[union-attr]
+        stopped_after = time.monotonic() - signalled
+        # It left the group, which it only does holding nothing: its batch was finished.
+        left = await group_consumers(redis)
+        assert processes.consumer_name(first) not in left, first.log_path.read_text()[-3000:]
+        assert await redis.zscore(keys.WORKERS, processes.consumer_name(first)) is None
+        second = processes.worker(env, tmp_path, 1)
+        try:
+            await processes.wait_applied(redis)
+        finally:
+            second.stop()
+    finally:
+        first.kill()
+    assert code == 0, first.log_path.read_text()[-3000:]
+    assert stopped_after < SHUTDOWN_SECONDS + 1.0
+    stats = await processes.ingest_stats(redis)
+    assert stats.get("reclaimed", 0) == 0  # nobody took over what the stopped worker held
+    assert stats["entries"] == len(entries)
+    assert await mismatches(redis, merchant, reference(plans, service.policy)) == []
+
+
+async def test_worker_finishes_the_delivery_in_hand_before_exiting(
+    redis: aioredis.Redis, redis_server: RedisServer, settings: Settings, tmp_path: Path
+) -> None:
+    """SIGTERM while a callback is on the wire: it is answered and recorded, then exit 0."""
+    async for sink in running_sink():
+        merchant = make_merchant("Shop", sink.url("/shop"))
+        await MerchantStore(redis).add(merchant)
+        sink.behaviour["/shop"] = Behaviour(delay=2.0)  # a slow merchant
+        service = invoice_service(redis, settings)
+        plans = await create_plans(service, merchant, 1, random.Random(1))
+        invoice = await service.cancel(merchant.key, plans[0].invoice.foreign_id)
+        env = processes.child_env(
+            redis_server.url, COINVOICE_SHUTDOWN_SECONDS=str(SHUTDOWN_SECONDS)
+        )
+        child = processes.worker(env, tmp_path, 0)
+        try:
+            await sink.wait_for(1, seconds=20)
+            signalled = time.monotonic()
+            child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            code = await asyncio.to_thread(child.process.wait, SHUTDOWN_SECONDS + 2)  # type: ignore[union-attr]
+            stopped_after = time.monotonic() - signalled
+        finally:
+            child.kill()
+        assert code == 0
+        assert 1.5 <= stopped_after < SHUTDOWN_SECONDS + 1.0
+        assert len(sink.received) == 1
+        log = await delivery_log(redis, invoice)
+        assert log[-1]["state"] == "delivered"

@@ -4,8 +4,9 @@ Run: `make failover` (three full runs) or `.venv/bin/python bench/faults/failove
 (one run, about a minute).
 
 Real processes on loopback: a Redis primary (AOF, appendfsync always), one
-replica and three Sentinels; two receivers and two workers in Sentinel mode
-with COINVOICE_REDIS_MIN_REPLICAS=1; a merchant sink. A processing layer
+replica and three Sentinels; two receivers behind HAProxy (deploy/haproxy.cfg,
+run by tests/balancer.py) and two workers, in Sentinel mode with
+COINVOICE_REDIS_MIN_REPLICAS=1; a merchant sink. A processing layer
 sends the distinct updates of INVOICES payment scenarios at RATE_PER_S and a
 merchant creates invoices at CREATES_PER_S; both retry every non-200 answer
 like real clients. Meanwhile:
@@ -42,9 +43,11 @@ import aiohttp
 
 from bench.faults import common
 from tests import processes
+from tests.balancer import Balancer
 from tests.replication import ReplicatedRedis
 from tests.support import create_payload, signed_headers
 from worker.domain.models import Merchant
+from worker.store import keys
 from worker.store.redis_server import free_port
 
 INVOICES = 400
@@ -57,6 +60,9 @@ WARM_UP_SECONDS = 4.0
 STEP_SECONDS = 3.0
 # A failover (Sentinels' down-after 1 s plus the election) must finish within this (seconds).
 FAILOVER_LIMIT_SECONDS = 30.0
+# The restarted old primary must be a synced replica within this (seconds): Sentinel
+# converts it only after it has reported itself a primary for 8 s (measured: 14-16 s).
+REJOIN_LIMIT_SECONDS = 60.0
 DUPLICATE_FOREIGN_ID = {"errors": {"foreign_id": "The foreign id has already been taken."}}
 
 
@@ -71,7 +77,7 @@ class Creates:
 
 
 async def create_paced(
-    bases: list[str], merchant: Merchant, prefix: str, rate: float, stop: asyncio.Event
+    base: str, merchant: Merchant, prefix: str, rate: float, stop: asyncio.Event
 ) -> Creates:
     """Create invoices at `rate` per second until `stop`, retrying every non-200 answer.
 
@@ -85,7 +91,7 @@ async def create_paced(
         body = json.dumps(create_payload(foreign_id)).encode()
         headers = signed_headers(merchant.key, merchant.secret, body)
         for attempt in range(common.SEND_ATTEMPTS):
-            url = bases[(n + attempt) % len(bases)] + "/api/v2/invoices/create"
+            url = base + "/api/v2/invoices/create"
             try:
                 async with session.post(url, data=body, headers=headers) as response:
                     answer = await response.json(content_type=None)
@@ -149,62 +155,32 @@ async def run(
     seed: int = 41,
     replicas: int = 1,
 ) -> dict[str, Any]:
-    rng = random.Random(seed)
+    """One full run; the report (`ok` false on any loss, double effect or missing callback)."""
     async with common.rig("failover", invoices, seed=seed, replicas=replicas) as rig:
-        group = rig.group
-        assert group is not None
+        assert rig.group is not None
         ports = [free_port() for _ in range(RECEIVERS)]
         receivers = [
             (await processes.receiver(rig.env, rig.tmp, f"receiver-{n}", port))[0]
             for n, port in enumerate(ports)
         ]
         rig.children += receivers
-        bases = [f"http://127.0.0.1:{port}" for port in ports]
         workers = [rig.worker(n) for n in range(WORKERS)]
-        payloads = rig.payloads()
-        rng.shuffle(payloads)
-        stop_creating = asyncio.Event()
-        sending = asyncio.create_task(common.send_paced(bases, payloads, rate))
-        creating = asyncio.create_task(
-            create_paced(bases, rig.merchant, f"failover-{seed}", creates, stop_creating)
-        )
-        timeline: dict[str, float] = {}
-        started = time.monotonic()
-
-        def mark(event: str) -> None:
-            timeline[event] = round(time.monotonic() - started, 3)
-
-        await asyncio.sleep(warm_up)
-        old = group.primary
-        killed_at = time.monotonic()
-        old.stop(kill=True)
-        mark("primary_killed")
-        promoted = await new_primary(group, old.port)
-        mark("replica_promoted")
-        failover_seconds = time.monotonic() - killed_at
-        await asyncio.to_thread(old.start)  # the host is back: it rejoins as a replica
-        mark("old_primary_restarted")
-        await asyncio.to_thread(group.wait_replicas, promoted, replicas)
-        mark("old_primary_rejoined_as_replica")
-
-        await asyncio.sleep(step)
-        receivers[0].kill()
-        mark("receiver_0_killed")
-        replacement, _ = await processes.receiver(rig.env, rig.tmp, "receiver-0b", ports[0])
-        rig.children.append(replacement)
-        mark("receiver_0_replaced")
-
-        await asyncio.sleep(step)
-        mark("worker_0_and_receiver_1_terminated")
-        exits = await asyncio.gather(
-            asyncio.to_thread(workers[0].stop), asyncio.to_thread(receivers[1].stop)
-        )
-        mark("worker_0_and_receiver_1_exited")
-
-        sent = await sending
-        stop_creating.set()
-        created = await creating
-        mark("load_done")
+        balancer = Balancer([f"127.0.0.1:{port}" for port in ports], rig.tmp).start()
+        try:
+            await balancer.wait_states({f"receiver{n + 1}": "UP" for n in range(RECEIVERS)})
+            payloads = rig.payloads()
+            random.Random(seed).shuffle(payloads)
+            stop_creating = asyncio.Event()
+            sending = asyncio.create_task(common.send_paced(balancer.url, payloads, rate))
+            creating = asyncio.create_task(
+                create_paced(balancer.url, rig.merchant, f"fo-{seed}", creates, stop_creating)
+            )
+            faults = await inflict(rig, rig.group, receivers, ports, workers, warm_up, step)
+            sent = await sending
+            stop_creating.set()
+            created = await creating
+        finally:
+            balancer.stop()
         report = await common.verify(rig, sent)
         lost = [
             fid
@@ -215,25 +191,86 @@ async def run(
             report["problems"].append(f"{len(lost)} acknowledged creates lost, e.g. {lost[:3]}")
         if created.sent != len(created.acknowledged):
             report["problems"].append(f"{created.sent - len(created.acknowledged)} creates unacked")
-        report["ok"] = not report["problems"]
-        report["problem_count"] = len(report["problems"])
         acked = sent.acknowledged_at + created.acknowledged_at
+        killed_at, started = faults.pop("primary_killed_at"), faults.pop("started_at")
         report.update(
             {
+                "front": "haproxy (deploy/haproxy.cfg)",
+                "replicas": replicas,
                 "creates": {
                     "sent": created.sent,
                     "acknowledged": len(created.acknowledged),
                     "refused_then_retried": created.refused_then_retried,
                     "lost": len(lost),
                 },
-                "failover_seconds": round(failover_seconds, 3),
                 "unavailable_seconds": round(longest_gap(acked, killed_at - 1.0), 3),
-                "exit_codes_after_sigterm": {"worker_0": exits[0], "receiver_1": exits[1]},
-                "timeline_seconds": timeline,
+                **faults,
+                "consumers_in_group": await consumers(rig),
                 "acknowledged_per_second": per_second(acked, started),
             }
         )
+        report["ok"] = not report["problems"]
+        report["problem_count"] = len(report["problems"])
         return report
+
+
+async def inflict(
+    rig: common.Rig,
+    group: ReplicatedRedis,
+    receivers: list[processes.Child],
+    ports: list[int],
+    workers: list[processes.Child],
+    warm_up: float,
+    step: float,
+) -> dict[str, Any]:
+    """The faults, in order, while the load runs; when each happened."""
+    timeline: dict[str, float] = {}
+    started = time.monotonic()
+
+    def mark(event: str) -> None:
+        timeline[event] = round(time.monotonic() - started, 3)
+
+    await asyncio.sleep(warm_up)
+    old = group.primary
+    killed_at = time.monotonic()
+    old.stop(kill=True)
+    mark("primary_killed")
+    promoted = await new_primary(group, old.port)
+    mark("replica_promoted")
+    failover_seconds = time.monotonic() - killed_at
+    await asyncio.to_thread(old.start)  # the host is back: it rejoins as a replica
+    mark("old_primary_restarted")
+    replicas = len(group.replicas)
+    await asyncio.to_thread(group.wait_replicas, promoted, replicas, REJOIN_LIMIT_SECONDS)
+    mark("old_primary_rejoined_as_replica")
+
+    await asyncio.sleep(step)
+    receivers[0].kill()
+    mark("receiver_0_killed")
+    replacement, _ = await processes.receiver(rig.env, rig.tmp, "receiver-0b", ports[0])
+    rig.children.append(replacement)
+    mark("receiver_0_replaced")
+
+    await asyncio.sleep(step)
+    mark("worker_0_and_receiver_1_terminated")
+    exits = await asyncio.gather(
+        asyncio.to_thread(workers[0].stop), asyncio.to_thread(receivers[1].stop)
+    )
+    mark("worker_0_and_receiver_1_exited")
+    return {
+        "failover_seconds": round(failover_seconds, 3),
+        "exit_codes_after_sigterm": {"worker_0": exits[0], "receiver_1": exits[1]},
+        "timeline_seconds": timeline,
+        "primary_killed_at": killed_at,
+        "started_at": started,
+    }
+
+
+async def consumers(rig: common.Rig) -> list[str]:
+    """The stream's consumers at the end: the stopped worker has left the group."""
+    rows = await rig.redis.xinfo_consumers(keys.UPDATES, keys.UPDATES_GROUP)
+    names = (row["name"] for row in rows)
+    return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
 
 def main() -> None:

@@ -15,11 +15,16 @@ A crash anywhere before step 5 leaves the entries pending; this or another
 worker applies them again, which changes nothing because a transaction's
 updates merge monotonically — so every accepted update takes effect exactly
 once. Deposits to addresses no invoice owns are kept in `cv:orphans`.
+
+A stopping worker (`stop`) finishes the batch in hand, reads no more and
+leaves the group. A dead worker's consumer is removed from the group by the
+others once its pending entries were claimed (`forget_dead_consumers`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -90,20 +95,28 @@ class Ingest:
     service: InvoiceService
     consumer: str
     reclaim_idle_ms: int = 30_000
+    # A consumer whose worker's heartbeat (keys.WORKERS) is this old is dead (seconds).
+    dead_after_seconds: float = 10.0
     batch: int = BATCH
     stats: IngestStats = field(default_factory=IngestStats)
     _owners: dict[tuple[str, str], int] = field(default_factory=dict)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def stop(self) -> None:
+        """Read no new batch; `run` returns once the batch in hand is applied (≤ BLOCK_MS idle)."""
+        self._stopping.set()
 
     async def run(self) -> None:
-        """Consume forever; ride out Redis restarts; re-read our own pending entries after one."""
+        """Consume until stopped; ride out Redis restarts; re-read our pending entries after one."""
         failures = 0
         backlog = True  # first our own unacknowledged entries (after a restart)
         next_reclaim = 0.0
-        while True:
+        while not self._stopping.is_set():
             try:
                 if failures or time.monotonic() >= next_reclaim:
                     await ensure_group(self.redis)
                     await self.reclaim()
+                    await self.forget_dead_consumers()
                     next_reclaim = time.monotonic() + RECLAIM_EVERY_SECONDS
                 entries = await self.read(backlog)
                 if backlog and not entries:
@@ -115,7 +128,8 @@ class Ingest:
                 failures += 1
                 delay = min(BACKOFF_CAP_SECONDS, BACKOFF_FIRST_SECONDS * 2**failures)
                 log.warning("ingest_redis_error", error=repr(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
                 backlog = True
 
     async def read(self, backlog: bool) -> list[Entry]:
@@ -149,6 +163,39 @@ class Ingest:
         if taken:
             log.warning("ingest_reclaimed", entries=taken, consumer=self.consumer)
         return taken
+
+    async def forget_dead_consumers(self) -> int:
+        """Remove from the group the consumers of dead workers that hold no pending entry.
+
+        Their entries are claimed first (`reclaim`, after `reclaim_idle_ms`), so a
+        dead worker leaves the group on a later round; drop_consumer.lua re-checks
+        the heartbeat and the pending list in the same atomic step as the delete.
+        """
+        consumers = await self.redis.xinfo_consumers(keys.UPDATES, keys.UPDATES_GROUP)
+        idle = [
+            name
+            for info in consumers
+            if info["pending"] == 0 and (name := _text(info["name"])) != self.consumer
+        ]
+        dead_before = time.time() - self.dead_after_seconds
+        removed = [name for name in idle if await self._drop_consumer(name, dead_before)]
+        if removed:
+            log.info("ingest_consumers_removed", consumers=removed)
+        return len(removed)
+
+    async def leave_group(self) -> bool:
+        """Remove this worker's own consumer (it stops), unless entries are still pending for it.
+
+        Call it once the heartbeat is withdrawn; pending entries stay for the
+        others to claim, and they remove the consumer afterwards.
+        """
+        return await self._drop_consumer(self.consumer, time.time() + 1)
+
+    async def _drop_consumer(self, name: str, dead_before: float) -> bool:
+        removed = await self.service.store.scripts.drop_consumer(
+            keys=[keys.UPDATES, keys.WORKERS], args=[keys.UPDATES_GROUP, name, dead_before]
+        )
+        return bool(removed)
 
     async def process(self, entries: Sequence[Entry], reclaimed: bool = False) -> None:
         """Apply a batch, then acknowledge it (never the other way round)."""
@@ -296,6 +343,10 @@ class Ingest:
         await awaited(self.redis.hset(keys.UPDATES_PARKED, mapping=record))
         self.stats.parked += len(payloads)
         log.error("ingest_parked", entries=len(payloads), reason=reason)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _apply_all(

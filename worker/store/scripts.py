@@ -38,3 +38,4 @@ class Scripts:
         self.delivery_done: AsyncScript = redis.register_script(source("delivery_done"))
         self.redeliver: AsyncScript = redis.register_script(source("redeliver"))
         self.append: AsyncScript = redis.register_script(source("append"))
+        self.drop_consumer: AsyncScript = redis.register_script(source("drop_consumer"))
