@@ -68,8 +68,8 @@ def drain_seconds(shutdown_seconds: float) -> float:
     return min(MAX_DRAIN_SECONDS, shutdown_seconds / 4)
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop`), then shut down within COINVOICE_SHUTDOWN_SECONDS.
+async def serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down within COINVOICE_SHUTDOWN_SECONDS.
 
     1. readiness turns 503 at once, while every request is still served
        (the drain, so a load balancer takes this receiver out first);
@@ -78,8 +78,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
     A second signal cuts the drain short (an impatient Ctrl-C).
     """
-    stop = stop or asyncio.Event()
-    hurry = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:

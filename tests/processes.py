@@ -32,7 +32,7 @@ START_TIMEOUT_SECONDS = 20.0
 
 
 def child_env(redis_url: str, **extra: str) -> dict[str, str]:
-    """The environment of a child: our Redis, test keys, JSON logs, fast reclaim."""
+    """The environment of a child: our Redis, test keys, JSON logs, fast reclaim and stop."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COINVOICE_")}
     env.update(
         {
@@ -45,6 +45,8 @@ def child_env(redis_url: str, **extra: str) -> dict[str, str]:
             "COINVOICE_LOG_FORMAT": "json",
             "COINVOICE_LOG_LEVEL": "warning",
             "COINVOICE_RECLAIM_IDLE_SECONDS": "1",
+            # Receivers drain a quarter of this after SIGTERM: short, no balancer here.
+            "COINVOICE_SHUTDOWN_SECONDS": "3",
         }
     )
     env.update(extra)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp.test_utils import TestClient
@@ -18,6 +19,9 @@ from worker.ingest.consumer import Ingest, ensure_group
 from worker.store import keys
 
 T = TypeVar("T")
+
+# What the process tests observed, one JSON line each, for closing notes and post-mortems.
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 PROCESSING_KEY = "test-processing-key"
 PROCESSING_SECRET = "test-processing-secret"
@@ -146,3 +150,10 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def record_artifact(file: str, test: str, observed: dict[str, Any]) -> None:
+    """Append what a run observed to test-artifacts/{file}.jsonl."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    with (ARTIFACTS / f"{file}.jsonl").open("a") as out:
+        out.write(json.dumps({"test": test, **observed}) + "\n")

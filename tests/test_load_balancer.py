@@ -10,7 +10,6 @@ writes what it observed to test-artifacts/load-balancer.jsonl.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import redis.asyncio as aioredis
 
 from tests import processes
 from tests.balancer import Balancer, Traffic
+from tests.support import record_artifact
 from worker.domain.models import Merchant
 from worker.store import keys
 from worker.store.codec import load_update
@@ -29,7 +29,6 @@ from worker.store.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 # Concurrent clients through the balancer.
 CLIENTS = 8
 # Load before and after the receiver is lost (seconds).
@@ -41,9 +40,7 @@ SHUTDOWN_SECONDS = 8
 
 def record(test: str, observed: dict[str, Any]) -> None:
     """Keep what a run observed, for the closing notes and post-mortems."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    with (ARTIFACTS / "load-balancer.jsonl").open("a") as out:
-        out.write(json.dumps({"test": test, **observed}) + "\n")
+    record_artifact("load-balancer", test, observed)
 
 
 @dataclass

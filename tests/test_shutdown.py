@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from tests import processes
 from tests.scenarios import create_plans, mismatches, reference
 from tests.sink import Behaviour, running_sink
-from tests.support import deposit, eventually
+from tests.support import deposit, eventually, record_artifact
 from worker.app.runtime import invoice_service
 from worker.config import Settings
 from worker.domain.models import Merchant
@@ -94,6 +94,15 @@ async def test_receiver_drains_then_finishes_in_flight_requests_and_exits_0(
         stopped_after = time.monotonic() - signalled
     finally:
         child.kill()
+    record_artifact(
+        "shutdown",
+        "receiver",
+        {
+            "budget_s": SHUTDOWN_SECONDS,
+            "closed_after_s": closed_after,
+            "exited_after_s": stopped_after,
+        },
+    )
     assert code == 0
     assert DRAIN_SECONDS - 0.1 <= closed_after < PAUSE_SECONDS
     assert stopped_after < SHUTDOWN_SECONDS + 1.0  # + the interpreter's own exit
@@ -170,9 +179,14 @@ async def test_worker_finishes_its_batch_leaves_the_group_and_exits_0(
             second.stop()
     finally:
         first.kill()
+    stats = await processes.ingest_stats(redis)
+    record_artifact(
+        "shutdown",
+        "worker-batch",
+        {"exited_after_s": stopped_after, "entries": len(entries), **stats},
+    )
     assert code == 0, first.log_path.read_text()[-3000:]
     assert stopped_after < SHUTDOWN_SECONDS + 1.0
-    stats = await processes.ingest_stats(redis)
     assert stats.get("reclaimed", 0) == 0  # nobody took over what the stopped worker held
     assert stats["entries"] == len(entries)
     assert await mismatches(redis, merchant, reference(plans, service.policy)) == []
@@ -201,8 +215,53 @@ async def test_worker_finishes_the_delivery_in_hand_before_exiting(
             stopped_after = time.monotonic() - signalled
         finally:
             child.kill()
+        record_artifact("shutdown", "worker-delivery", {"exited_after_s": stopped_after})
         assert code == 0
         assert 1.5 <= stopped_after < SHUTDOWN_SECONDS + 1.0
         assert len(sink.received) == 1
         log = await delivery_log(redis, invoice)
         assert log[-1]["state"] == "delivered"
+
+
+async def test_a_killed_workers_consumer_is_removed_once_its_entries_are_claimed(
+    redis: aioredis.Redis,
+    redis_server: RedisServer,
+    settings: Settings,
+    merchant: Merchant,
+    tmp_path: Path,
+) -> None:
+    """SIGKILL a worker holding a batch: another claims and applies it, then removes it."""
+    rng = random.Random(12)
+    service = invoice_service(redis, settings)
+    plans = await create_plans(service, merchant, 100, rng)
+    entries = [dump_update(u) for plan in plans for u in plan.updates]
+    entries += [dump_update(u) for u in rng.choices([u for p in plans for u in p.updates], k=3000)]
+    await ensure_group(redis)
+    env = processes.child_env(redis_server.url)
+    victim = processes.worker(env, tmp_path, 0)
+    survivor: processes.Child | None = None
+    try:
+
+        async def beating() -> bool:
+            return await redis.zscore(keys.WORKERS, processes.consumer_name(victim)) is not None
+
+        await eventually(beating, True, seconds=20)
+        await enqueue(redis, entries)
+        held = await processes.kill_holding_entries(redis, victim, wait=True)
+        assert held, "the worker was killed before it held a batch; nothing to claim"
+        dead = processes.consumer_name(victim)
+        assert (await group_consumers(redis))[dead] > 0
+        survivor = processes.worker(env, tmp_path, 1)
+        await processes.wait_applied(redis)
+
+        async def dead_still_in_group() -> bool:
+            return dead in await group_consumers(redis)
+
+        # Stale heartbeat (10 s) plus one reclaim round (5 s).
+        await eventually(dead_still_in_group, False, seconds=30)
+    finally:
+        victim.kill()
+        if survivor is not None:
+            survivor.stop()
+    assert (await processes.ingest_stats(redis))["reclaimed"] >= 1
+    assert await mismatches(redis, merchant, reference(plans, service.policy)) == []

@@ -53,8 +53,8 @@ log = get_logger(__name__)
 READY_TIMEOUT_SECONDS = 30.0
 # Poll interval while waiting for readiness and while watching the children (seconds).
 POLL_SECONDS = 0.1
-# After SIGTERM a child gets this long to drain before SIGKILL (seconds): the
-# receiver's own shutdown_timeout for open requests is as long.
+# After SIGTERM a child gets this long before SIGKILL (seconds): well over the
+# shutdown budget given to the children below.
 STOP_TIMEOUT_SECONDS = 10.0
 # The children's COINVOICE_SHUTDOWN_SECONDS at most: no load balancer watches a
 # `coinvoice up` receiver, so its drain (a quarter of this) only delays Ctrl-C.
