@@ -120,7 +120,8 @@ async def test_compose_pays_an_invoice_through_haproxy(
     deployment: dict[str, str], sink: Sink
 ) -> None:
     """Through HAProxy: merchant, invoice, payment; the merchant gets the signed `confirmed`
-    callback. Both receivers are in rotation, both workers heartbeat under their own names,
+    callback. Both receivers are in rotation and every coinvoice container passes its
+    HEALTHCHECK (a worker's: its own heartbeat); both workers heartbeat under their own names,
     the primary writes every command to its AOF and the replica holds the invoice."""
     await wait_ready(deployment)
     cli_env = {
@@ -132,6 +133,9 @@ async def test_compose_pays_an_invoice_through_haproxy(
     callbacks = await pay_an_invoice(BALANCER, cli_env, sink)
     print(f"callbacks through HAProxy: {[c.json['status'] for c in callbacks]}")
 
+    for service in ("receiver-1", "receiver-2", "worker-1", "worker-2"):
+        health = await apodman("healthcheck", "run", f"{deployment['PROJECT']}_{service}_1")
+        assert health.returncode == 0, service
     balancer_log = logs(deployment, "haproxy")
     for server in ("receiver1", "receiver2"):
         assert f"Server receivers/{server} is UP" in balancer_log
