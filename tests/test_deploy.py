@@ -120,7 +120,8 @@ def test_the_lock_pins_every_dependency_with_hashes() -> None:
     }
     lock = (REPO / "deploy" / "requirements.lock").read_text()
     pinned = re.findall(r"^([a-z0-9_.-]+)==\S+ \\\n\s+--hash=sha256:", lock, re.M | re.I)
-    assert wanted <= {name.lower().replace("_", "-") for name in pinned}
+    missing = wanted - {name.lower().replace("_", "-") for name in pinned}
+    assert not missing, f"deploy/requirements.lock lacks {sorted(missing)}: run `make lock`"
     assert len(pinned) == len(re.findall(r"^[a-z0-9_.-]+==", lock, re.M | re.I))
 
 
