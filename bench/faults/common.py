@@ -108,10 +108,9 @@ async def rig(name: str, invoices: int, seed: int, replicas: int = 0) -> AsyncIt
     stack.quiet_logging()
     with stack.scratch_dir(name) as tmp, _redis(tmp, replicas) as (server, group):
         ha = {} if group is None else HA_ENV | {"COINVOICE_REDIS_SENTINELS": group.sentinel_setting}
+        # This process runs on the same Redis settings as its children.
         settings = make_settings(
-            server.url,
-            redis_sentinels=ha.get("COINVOICE_REDIS_SENTINELS", ""),
-            redis_min_replicas=int(ha.get("COINVOICE_REDIS_MIN_REPLICAS", "0")),
+            server.url, **{k.removeprefix("COINVOICE_").lower(): v for k, v in ha.items()}
         )
         redis = connect(settings)  # rides out a Redis restart or failover, like the workers do
         port = free_port()

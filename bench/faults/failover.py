@@ -42,6 +42,7 @@ from typing import Any
 import aiohttp
 
 from bench.faults import common
+from receiver.api.errors import duplicate_foreign_id
 from tests import processes
 from tests.balancer import Balancer
 from tests.replication import ReplicatedRedis
@@ -63,7 +64,8 @@ FAILOVER_LIMIT_SECONDS = 30.0
 # The restarted old primary must be a synced replica within this (seconds): Sentinel
 # converts it only after it has reported itself a primary for 8 s (measured: 14-16 s).
 REJOIN_LIMIT_SECONDS = 60.0
-DUPLICATE_FOREIGN_ID = {"errors": {"foreign_id": "The foreign id has already been taken."}}
+# What a retried create answers when an earlier attempt created the invoice.
+DUPLICATE_FOREIGN_ID = duplicate_foreign_id().body
 
 
 @dataclass
@@ -85,13 +87,13 @@ async def create_paced(
     its foreign id taken (400): the invoice exists, exactly once.
     """
     done = Creates()
+    url = base + "/api/v2/invoices/create"
 
     async def one(session: aiohttp.ClientSession, n: int) -> None:
         foreign_id = f"{prefix}-{n}"
         body = json.dumps(create_payload(foreign_id)).encode()
         headers = signed_headers(merchant.key, merchant.secret, body)
         for attempt in range(common.SEND_ATTEMPTS):
-            url = base + "/api/v2/invoices/create"
             try:
                 async with session.post(url, data=body, headers=headers) as response:
                     answer = await response.json(content_type=None)
