@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from decimal import Decimal, InvalidOperation
@@ -62,15 +63,16 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from worker.app import main
 
     if args.check:
-        return 0 if _run_async(_check(settings)) else 1
+        host = socket.gethostname() if args.this_host else None
+        return 0 if _run_async(_check(settings, host)) else 1
     main.run(settings)
     return 0
 
 
-async def _check(settings: Settings) -> int:
+async def _check(settings: Settings, host: str | None) -> int:
     from worker.app.main import check
 
-    return int(await check(settings))
+    return int(await check(settings, host))
 
 
 # --------------------------------------------------------------------------- merchants
@@ -165,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run one worker process (arq)")
     worker.add_argument("--check", action="store_true", help="exit 0 if a worker is healthy")
+    worker.add_argument(
+        "--this-host",
+        action="store_true",
+        help="with --check: only a worker on this host counts (a container's or pod's own)",
+    )
     worker.set_defaults(func=cmd_worker)
 
     merchant = commands.add_parser("merchant", help="merchant accounts")

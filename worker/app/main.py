@@ -281,12 +281,18 @@ def run(settings: Settings) -> None:
     build_worker(settings).run()
 
 
-async def check(settings: Settings) -> bool:
-    """Is at least one worker alive with all its loops? (`coinvoice worker --check`)"""
+async def check(settings: Settings, host: str | None = None) -> bool:
+    """Is at least one worker alive with all its loops? (`coinvoice worker --check`)
+
+    With `host`, only workers running there count (`--this-host`): a container or pod has
+    a host name of its own, so its probe then asks about its own worker, not the fleet.
+    """
     redis = connect(settings)
     try:
         since = time.time() - HEARTBEAT_STALE_SECONDS
         alive = await redis.zrangebyscore(keys.WORKERS, since, "+inf")
+        if host is not None:
+            alive = [name for name in alive if name.decode().rpartition(":")[0] == host]
         return bool(alive)
     except (RedisError, OSError):
         return False
