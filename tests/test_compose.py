@@ -116,6 +116,18 @@ async def wait_ready(env: dict[str, str]) -> None:
     raise AssertionError(f"not ready through HAProxy:\n{logs(env, 'receiver-1')[-3000:]}")
 
 
+async def wait_replica_synced() -> None:
+    """Until the replica's link to the primary is up (a fresh deployment syncs first)."""
+    replica = aioredis.Redis(port=PRIMARY_PORT + 1)
+    try:
+        deadline = time.monotonic() + UP_TIMEOUT_SECONDS
+        while (await replica.info("replication")).get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica never synced with the primary"
+            await asyncio.sleep(0.5)
+    finally:
+        await replica.aclose()
+
+
 async def test_compose_pays_an_invoice_through_haproxy(
     deployment: dict[str, str], sink: Sink
 ) -> None:
@@ -126,6 +138,8 @@ async def test_compose_pays_an_invoice_through_haproxy(
     await wait_ready(deployment)
     cli_env = {
         "COINVOICE_REDIS_SENTINELS": SENTINELS,
+        # As the deployment's workers: the merchant's sink listens on loopback.
+        "COINVOICE_ALLOW_PRIVATE_CALLBACKS": "true",
         "COINVOICE_PROCESSING_KEY": PROCESSING_KEY,
         "COINVOICE_PROCESSING_SECRET": PROCESSING_SECRET,
         "COINVOICE_LOG_FORMAT": "json",
@@ -164,6 +178,7 @@ async def test_a_backup_streamed_from_the_replica_is_a_valid_snapshot(
     RDB file that redis-check-rdb accepts."""
     replica = f"{deployment['PROJECT']}_redis-replica_1"
     backup = "/tmp/coinvoice-backup.rdb"
+    await wait_replica_synced()
     taken = await apodman(
         "exec", replica, "redis-cli", "-p", str(PRIMARY_PORT + 1), "--rdb", backup
     )
