@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from receiver import appkeys
+from worker.store.connection import REDIS_UNAVAILABLE
 
 
 class Lifecycle:
@@ -28,7 +28,7 @@ async def ready(request: web.Request) -> web.Response:
         return web.json_response({"status": "shutting_down"}, status=503)
     try:
         await request.app[appkeys.REDIS].ping()
-    except (RedisError, OSError):
+    except REDIS_UNAVAILABLE:
         return web.json_response({"status": "redis_unavailable"}, status=503)
     return web.json_response({"status": "ok"})
 

@@ -27,9 +27,9 @@ from tests.support import (
     signed_headers,
 )
 from worker.config import Settings
-from worker.store import keys
 from worker.store.connection import ReplicationTimeout, connect, replicated
 from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.streams import stream_backlog
 
 # WAIT gives up after this long in these tests (milliseconds): short, the replica is stopped.
 WAIT_MS = 300
@@ -98,7 +98,7 @@ async def test_processing_callback_is_503_until_a_replica_confirms(
         pair.resume(pair.replicas[0])
     assert (await ha_client.post(path, data=body, headers=headers)).status == 200
     # The unacknowledged append is in the stream too; applying it twice is a no-op.
-    assert await primary.xlen(keys.UPDATES) == 3
+    assert await stream_backlog(primary) == 3
 
 
 async def test_create_is_503_without_a_replica_and_its_retry_creates_nothing_twice(

@@ -138,7 +138,7 @@ class InvoiceService:
             address = await self.addresses.allocate(request.sender_currency)
         invoice = machine.create(
             NewInvoice(
-                id=await self.store.next_id(),
+                id=await self.store.next_id(merchant.key, request.foreign_id),
                 merchant=merchant.key,
                 foreign_id=request.foreign_id,
                 token=new_token(),
