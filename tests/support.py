@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp.test_utils import TestClient
@@ -20,6 +21,9 @@ from worker.store.ledger import post_ledger
 from worker.store.scripts import Scripts
 
 T = TypeVar("T")
+
+# What the process tests observed, one JSON line each, for closing notes and post-mortems.
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 PROCESSING_KEY = "test-processing-key"
 PROCESSING_SECRET = "test-processing-secret"
@@ -161,3 +165,10 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def record_artifact(file: str, test: str, observed: dict[str, Any]) -> None:
+    """Append what a run observed to test-artifacts/{file}.jsonl."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    with (ARTIFACTS / f"{file}.jsonl").open("a") as out:
+        out.write(json.dumps({"test": test, **observed}) + "\n")

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from tests import processes
 from tests.scenarios import body, create_plans, mismatches, reference
 from tests.sink import Behaviour, running_sink
-from tests.support import create_payload, signed_headers
+from tests.support import create_payload, record_artifact, signed_headers
 from worker.app.runtime import invoice_service
 from worker.config import Settings
 from worker.domain.models import Merchant
@@ -36,14 +36,10 @@ from worker.store.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-
 
 def record(test: str, observed: dict[str, Any]) -> None:
     """Keep what a run observed, for the closing notes and post-mortems."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    with (ARTIFACTS / "crash-safety.jsonl").open("a") as out:
-        out.write(json.dumps({"test": test, **observed}) + "\n")
+    record_artifact("crash-safety", test, observed)
 
 
 async def test_duplicated_shuffled_updates_from_concurrent_senders(

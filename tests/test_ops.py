@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 
 from receiver.api.openapi import DOCS
 from receiver.app import create_app
@@ -93,6 +94,23 @@ async def test_public_rate_limit_per_address(
     statuses = [status for status, _, _ in answers]
     assert statuses.count(404) >= 2  # at most 2 per second pass, even across a second boundary
     assert (429, "1", {"error": "Too many requests", "code": "rate_limited"}) in answers
+
+
+async def test_behind_a_proxy_the_last_forwarded_line_is_the_client(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """A client's own X-Forwarded-For line cannot dodge the limit: the proxy's last line counts."""
+    settings = make_settings(redis_server.url, rate_limit_public=2, trust_forwarded=True)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        statuses = []
+        for n in range(6):
+            # What HAProxy forwards: the client's claim, then its own line with the real peer.
+            headers = CIMultiDict(
+                [("X-Forwarded-For", f"198.51.100.{n}"), ("X-Forwarded-For", "203.0.113.7")]
+            )
+            response = await client.get("/api/v2/public/invoices/nope", headers=headers)
+            statuses.append(response.status)
+    assert 429 in statuses
 
 
 async def test_processing_callbacks_are_never_rate_limited(

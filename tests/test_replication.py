@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +16,27 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
+from receiver import appkeys
 from receiver.app import create_app
 from tests.replication import ReplicatedRedis
+from tests.sink import Sink, running_sink
 from tests.support import (
     PROCESSING_KEY,
     PROCESSING_SECRET,
+    Clock,
     create_payload,
     deposit,
+    drain,
     make_settings,
     merchant_post,
     signed_headers,
 )
 from worker.config import Settings
+from worker.domain.money import fmt8
+from worker.ingest.consumer import Ingest, ensure_group
+from worker.mail.loop import Mailer
+from worker.outbox.delivery import Deliverer
+from worker.store import keys
 from worker.store.connection import ReplicationTimeout, connect, replicated
 from worker.store.merchants import MerchantStore, make_merchant
 from worker.store.streams import stream_backlog
@@ -113,6 +123,11 @@ async def test_create_is_503_without_a_replica_and_its_retry_creates_nothing_twi
             ha_client, merchant, "/api/v2/invoices/create", create_payload("ha-1")
         )
         assert (status, body["code"]) == (503, "unavailable")
+        # Its retry may not even say "taken" while the replica could lose the invoice.
+        status, body = await merchant_post(
+            ha_client, merchant, "/api/v2/invoices/create", create_payload("ha-1")
+        )
+        assert (status, body["code"]) == (503, "unavailable")
     finally:
         pair.resume(pair.replicas[0])
     status, body = await merchant_post(
@@ -177,3 +192,126 @@ async def test_without_min_replicas_nothing_waits(
     finally:
         pair.resume(pair.replicas[0])
         await client.aclose()
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    async for running in running_sink():
+        yield running
+
+
+async def test_no_callback_leaves_while_no_replica_confirms(
+    pair: ReplicatedRedis,
+    primary: aioredis.Redis,
+    ha_client: TestClient[Any, Any],
+    ha_settings: Settings,
+    sink: Sink,
+) -> None:
+    """The delivery loop fences before posting: a hung replica holds the callback back."""
+    merchant = make_merchant("Shop", sink.url("/shop"))
+    await MerchantStore(primary).add(merchant)
+    path = "/api/v2/invoices/create"
+    assert (await merchant_post(ha_client, merchant, path, create_payload("cb-1")))[0] == 200
+    cancel = "/api/v2/invoices/cb-1/cancel/"
+    assert (await merchant_post(ha_client, merchant, cancel, {}))[0] == 200  # sequence 1
+    app = ha_client.server.app
+    clock = Clock()
+    deliverer = Deliverer(app[appkeys.REDIS], app[appkeys.SERVICE].store, ha_settings, clock=clock)
+    await deliverer.start()
+    try:
+        pair.pause(pair.replicas[0])
+        try:
+            with pytest.raises(ReplicationTimeout):
+                await deliverer.deliver_due()
+            await deliverer.wait_idle()
+            assert sink.received == []
+        finally:
+            pair.resume(pair.replicas[0])
+        clock.advance(60)  # past the lease the refused claim took
+        assert await deliverer.deliver_due() == 1
+        await deliverer.wait_idle()
+        assert [r.json["sequence"] for r in sink.received] == [1]
+    finally:
+        await deliverer.close()
+
+
+async def test_worker_batch_stays_pending_while_no_replica_confirms_its_commit(
+    pair: ReplicatedRedis, primary: aioredis.Redis, ha_client: TestClient[Any, Any]
+) -> None:
+    """A commit the replica did not confirm is not acknowledged in the stream: applied again."""
+    merchant = make_merchant("Shop", "http://127.0.0.1:9/callbacks")
+    await MerchantStore(primary).add(merchant)
+    payload = create_payload("wk-1", sender_currency="BTC")
+    status, body = await merchant_post(ha_client, merchant, "/api/v2/invoices/create", payload)
+    assert status == 200, body
+    invoice = body["data"]
+    update = deposit(invoice["address"], invoice["sender_amount"])
+    raw = json.dumps(update).encode()
+    headers = signed_headers(PROCESSING_KEY, PROCESSING_SECRET, raw)
+    assert (
+        await ha_client.post("/api/v2/processing/callbacks", data=raw, headers=headers)
+    ).status == 200
+    app = ha_client.server.app
+    ingest = Ingest(app[appkeys.REDIS], app[appkeys.SERVICE], consumer="t", reclaim_idle_ms=0)
+    await ensure_group(primary)
+    partition = keys.address_partition("BTC", invoice["address"])
+    entries = await ingest.read(partition, backlog=False)
+    assert len(entries) == 1
+    pair.pause(pair.replicas[0])
+    try:
+        with pytest.raises(ReplicationTimeout):
+            await ingest.process(partition, entries)
+    finally:
+        pair.resume(pair.replicas[0])
+    pending = await primary.xpending(keys.updates(partition), keys.UPDATES_GROUP)
+    assert pending["pending"] == 1
+    await ingest.process(partition, await ingest.read(partition, backlog=True))
+    pending = await primary.xpending(keys.updates(partition), keys.UPDATES_GROUP)
+    assert pending["pending"] == 0
+    stored = await app[appkeys.SERVICE].store.get(invoice["id"])
+    assert stored is not None and stored.invoice.status.value == "processing"
+
+
+async def test_no_email_leaves_while_no_replica_confirms(
+    pair: ReplicatedRedis,
+    primary: aioredis.Redis,
+    ha_client: TestClient[Any, Any],
+    tmp_path: Path,
+) -> None:
+    """The mail loop fences before sending: a hung replica holds the e-mail back."""
+    merchant = make_merchant("Shop", "http://127.0.0.1:9/callbacks")
+    await MerchantStore(primary).add(merchant)
+    payload = create_payload("mail-1", sender_currency="BTC", email_user="buyer@example.com")
+    status, body = await merchant_post(ha_client, merchant, "/api/v2/invoices/create", payload)
+    assert status == 200, body
+    invoice = body["data"]
+    app = ha_client.server.app
+    service = app[appkeys.SERVICE]
+    underpaid = fmt8(Decimal(invoice["sender_amount"]) / 2)
+    update = deposit(
+        invoice["address"], underpaid, status="confirmed", observed_at=invoice["fixed_at"] + 1
+    )
+    raw = json.dumps(update).encode()
+    headers = signed_headers(PROCESSING_KEY, PROCESSING_SECRET, raw)
+    assert (
+        await ha_client.post("/api/v2/processing/callbacks", data=raw, headers=headers)
+    ).status == 200
+    # Half paid and confirmed: the invoice fails and a payback e-mail is due.
+    await drain(Ingest(app[appkeys.REDIS], service, consumer="t", reclaim_idle_ms=0))
+    settings = make_settings(pair.primary.url, redis_min_replicas=1, maildir=tmp_path / "mail")
+    clock = Clock(ahead=3 * 86_400)
+    mailer = Mailer(app[appkeys.REDIS], service, settings, clock=clock)
+    pair.pause(pair.replicas[0])
+    try:
+        assert (await mailer.run_pass()).sent == 0
+        assert mails(tmp_path / "mail") == []
+    finally:
+        pair.resume(pair.replicas[0])
+    clock.advance(mailer.lease_seconds + 1)
+    assert (await mailer.run_pass()).sent == 1
+    assert len(mails(tmp_path / "mail")) == 1
+
+
+def mails(maildir: Path) -> list[Path]:
+    """The messages written to a Maildir."""
+    return [path for path in maildir.rglob("*") if path.is_file()]

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     # Updates a worker took but did not acknowledge for this long (it died) are
     # taken over by another worker and applied again (a no-op if they had been).
     reclaim_idle_seconds: float = Field(default=30.0, gt=0)
+    # SIGTERM to exit: a receiver drains (readiness 503, still serving) then finishes
+    # open requests; a worker finishes the batch and deliveries in hand (spec §11).
+    shutdown_seconds: float = Field(default=20.0, gt=0)
 
     processing_key: str = DEMO_PROCESSING_KEY
     processing_secret: SecretStr = SecretStr(DEMO_PROCESSING_SECRET)

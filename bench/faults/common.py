@@ -16,7 +16,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,21 @@ import redis.asyncio as aioredis
 
 from bench.harness import stack
 from tests import processes
+from tests.replication import ReplicatedRedis
 from tests.scenarios import Plan, body, create_plans, mismatches, reference
 from tests.support import make_settings
 from worker.app.runtime import invoice_service
 from worker.domain.models import Merchant
 from worker.services.invoices import InvoiceService
-from worker.store.connection import connect_url
+from worker.store.connection import connect
 from worker.store.merchants import MerchantStore, make_merchant
 from worker.store.redis_server import RedisServer, free_port
 
 # Fast failure handling, so a run converges in seconds: a callback attempt gives up
 # after 2 s and is retried after 1, 1, 1, 1, 2, … s; dead workers' updates are
 # taken over after 1 s (tests/processes.py).
+# The failover run: every process in Sentinel mode, one replica must hold each write.
+HA_ENV = {"COINVOICE_REDIS_MIN_REPLICAS": "1", "COINVOICE_REDIS_WAIT_TIMEOUT_MS": "1000"}
 FAULT_ENV = {
     "COINVOICE_CALLBACK_TIMEOUT_SECONDS": "2",
     "COINVOICE_CALLBACK_RETRY_SCHEDULE": "1,1,1,1,2,2,2,2,3,3,3,3,3",
@@ -62,6 +65,7 @@ class Rig:
     sink: stack.SinkProcess
     env: dict[str, str]
     plans: list[Plan]
+    group: ReplicatedRedis | None = None
     children: list[processes.Child] = field(default_factory=list)
 
     def worker(self, n: int) -> processes.Child:
@@ -79,20 +83,44 @@ class Rig:
         return [body(update) for plan in self.plans for update in plan.updates]
 
 
+@contextlib.contextmanager
+def _redis(tmp: Path, replicas: int) -> Iterator[tuple[RedisServer, ReplicatedRedis | None]]:
+    """One Redis, or a primary with `replicas` replicas and three Sentinels (the failover run)."""
+    if not replicas:
+        with stack.redis_server(tmp) as server:
+            yield server, None
+        return
+    group = ReplicatedRedis(tmp / "ha", replica_count=replicas, sentinel_count=3).start()
+    try:
+        yield group.primary, group
+    finally:
+        group.stop()
+
+
 @contextlib.asynccontextmanager
-async def rig(name: str, invoices: int, seed: int) -> AsyncIterator[Rig]:
-    """Redis (AOF, appendfsync always), a sink process, `invoices` invoices with plans."""
+async def rig(name: str, invoices: int, seed: int, replicas: int = 0) -> AsyncIterator[Rig]:
+    """Redis (AOF, appendfsync always), a sink process, `invoices` invoices with plans.
+
+    `replicas` > 0: Redis is a primary with that many replicas and three
+    Sentinels (tests/replication.py), and every process, this one included,
+    runs in Sentinel mode with one replica required for each write.
+    """
     stack.quiet_logging()
-    with stack.scratch_dir(name) as tmp, stack.redis_server(tmp) as server:
-        redis = connect_url(server.url)  # rides out a Redis restart, like the workers do
+    with stack.scratch_dir(name) as tmp, _redis(tmp, replicas) as (server, group):
+        ha = {} if group is None else HA_ENV | {"COINVOICE_REDIS_SENTINELS": group.sentinel_setting}
+        # This process runs on the same Redis settings as its children.
+        settings = make_settings(
+            server.url, **{k.removeprefix("COINVOICE_").lower(): v for k, v in ha.items()}
+        )
+        redis = connect(settings)  # rides out a Redis restart or failover, like the workers do
         port = free_port()
         merchant = make_merchant("Fault shop", f"http://127.0.0.1:{port}/callbacks")
         await MerchantStore(redis).add(merchant)
         sink = stack.SinkProcess(tmp, merchant.secret, port=port).start()
-        service = invoice_service(redis, make_settings(server.url))
+        service = invoice_service(redis, settings)
         plans = await create_plans(service, merchant, invoices, random.Random(seed), prefix=name)
-        env = stack.child_env(server.url, COINVOICE_MAILDIR=str(tmp / "maildir"), **FAULT_ENV)
-        world = Rig(name, tmp, server, redis, service, merchant, sink, env, plans)
+        env = stack.child_env(server.url, COINVOICE_MAILDIR=str(tmp / "maildir"), **FAULT_ENV, **ha)
+        world = Rig(name, tmp, server, redis, service, merchant, sink, env, plans, group=group)
         try:
             yield world
         finally:
@@ -110,10 +138,18 @@ class Sent:
     acknowledged: int = 0
     refused_then_retried: int = 0
     given_up: int = 0
+    # time.monotonic() of every 200, in order: the gaps show how long the service was down.
+    acknowledged_at: list[float] = field(default_factory=list)
 
 
-async def send_paced(base: str, payloads: list[bytes], rate: float, concurrency: int = 16) -> Sent:
-    """Send each payload once (retrying refusals until a 200) at `rate` per second."""
+async def send_paced(
+    base: str | Sequence[str], payloads: list[bytes], rate: float, concurrency: int = 16
+) -> Sent:
+    """Send each payload once (retrying refusals until a 200) at `rate` per second.
+
+    Several bases (receivers without a load balancer): a retry goes to the next one.
+    """
+    bases = [base] if isinstance(base, str) else list(base)
     sent = Sent(sent=len(payloads))
     limit = asyncio.Semaphore(concurrency)
     start = time.monotonic()
@@ -122,8 +158,10 @@ async def send_paced(base: str, payloads: list[bytes], rate: float, concurrency:
         await stack.sleep_until(start + i / rate)
         async with limit:
             for attempt in range(SEND_ATTEMPTS):
-                if await processes.post_update(session, base, payload) == 200:
+                target = bases[(i + attempt) % len(bases)]
+                if await processes.post_update(session, target, payload) == 200:
                     sent.acknowledged += 1
+                    sent.acknowledged_at.append(time.monotonic())
                     return
                 sent.refused_then_retried += 1
                 await asyncio.sleep(min(1.0, SEND_RETRY_SECONDS * (1 + attempt // 10)))

@@ -97,9 +97,14 @@ async def merchant_request(request: web.Request, model: type[Model]) -> tuple[Me
 
 
 def client_address(request: web.Request) -> str:
-    """The caller's address; behind a trusted proxy, the last X-Forwarded-For hop."""
+    """The caller's address; behind a trusted proxy, the last X-Forwarded-For hop.
+
+    Every X-Forwarded-For line counts, in order: HAProxy's `option forwardfor`
+    adds its own line after whatever the client sent, so reading only the first
+    line would hand the client's own claim to the rate limiter.
+    """
     if request.app[appkeys.SETTINGS].trust_forwarded:
-        forwarded = request.headers.get("X-Forwarded-For", "")
+        forwarded = ",".join(request.headers.getall("X-Forwarded-For", []))
         hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
         if hops:
             return hops[-1]

@@ -53,9 +53,12 @@ log = get_logger(__name__)
 READY_TIMEOUT_SECONDS = 30.0
 # Poll interval while waiting for readiness and while watching the children (seconds).
 POLL_SECONDS = 0.1
-# After SIGTERM a child gets this long to drain before SIGKILL (seconds): the
-# receiver's own shutdown_timeout for open requests is as long.
+# After SIGTERM a child gets this long before SIGKILL (seconds): well over the
+# shutdown budget given to the children below.
 STOP_TIMEOUT_SECONDS = 10.0
+# The children's COINVOICE_SHUTDOWN_SECONDS at most: no load balancer watches a
+# `coinvoice up` receiver, so its drain (a quarter of this) only delays Ctrl-C.
+CHILD_SHUTDOWN_SECONDS = 4.0
 # The demo merchant (with its secret) is kept in this file of the data folder, so
 # a restart shows the same keys.
 DEMO_MERCHANT_FILE = "demo-merchant.json"
@@ -234,6 +237,9 @@ class Supervisor:
         env["COINVOICE_DATA_DIR"] = str(self.data_dir)
         # The demo merchant's sink listens on 127.0.0.1, which delivery refuses by default.
         env["COINVOICE_ALLOW_PRIVATE_CALLBACKS"] = "1"
+        env["COINVOICE_SHUTDOWN_SECONDS"] = str(
+            min(self.settings.shutdown_seconds, CHILD_SHUTDOWN_SECONDS)
+        )
         return env
 
     async def _start_children(self, url: str) -> None:

@@ -5,6 +5,10 @@ loops (applying processing updates, delivering callbacks) are tasks started
 by `startup`, because one arq job per update would cap a worker far below its
 goal (see docs/architecture.md). A heartbeat in Redis records that this
 process and its loops are alive; `coinvoice worker --check` reads it.
+
+On SIGTERM (arq's signal handler, then `shutdown`) the worker stops taking
+work, finishes what it holds within COINVOICE_SHUTDOWN_SECONDS, withdraws its
+heartbeat, leaves the stream's consumer group and exits 0.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ HEARTBEAT_STALE_SECONDS = 10
 STATS_EVERY_SECONDS = 10.0
 # arq job names are global per Redis; ours carry a prefix.
 QUEUE_NAME = "cv:arq"
+# Of COINVOICE_SHUTDOWN_SECONDS, this much is kept for closing connections (seconds).
+SHUTDOWN_MARGIN_SECONDS = 1.0
 # Errors arq's connections retry with backoff. OSError is a refused connection while
 # Redis restarts: redis-py raises it from connect() when a pooled connection is
 # re-opened on checkout, outside the per-command retry (bench/faults/redis_restart.py
@@ -67,6 +73,7 @@ class Context(TypedDict, total=False):
     name: str
     tasks: list[asyncio.Task[None]]
     ledger: LedgerPoster
+    stop_mail: asyncio.Event
 
 
 def worker_name() -> str:
@@ -108,7 +115,7 @@ async def _deliver(ctx: Context) -> None:
 
 async def _mail(ctx: Context) -> None:
     """Send due customer e-mails (worker/mail/loop.py)."""
-    await run_mail_loop(ctx["store_redis"], ctx["service"], ctx["settings"])
+    await run_mail_loop(ctx["store_redis"], ctx["service"], ctx["settings"], stop=ctx["stop_mail"])
 
 
 async def _ledger(ctx: Context) -> None:
@@ -149,6 +156,7 @@ async def startup(ctx: Context) -> None:
         ctx["service"],
         consumer=ctx["name"],
         reclaim_idle_ms=int(settings.reclaim_idle_seconds * 1000),
+        dead_after_seconds=HEARTBEAT_STALE_SECONDS,
     )
     deliverer = Deliverer(redis, ctx["service"].store, settings)
     await deliverer.start()
@@ -164,26 +172,49 @@ async def startup(ctx: Context) -> None:
             poster.wake() if any(isinstance(e, LedgerEntry) for e in transition.effects) else None
         )
     )
+    ctx["stop_mail"] = asyncio.Event()
     ctx["tasks"] = []
     for name, loop in LOOPS:
         ctx["tasks"].append(asyncio.create_task(loop(ctx), name=name))
     log.info("worker_started", worker=ctx["name"], loops=[name for name, _ in LOOPS])
 
 
+# Loops that finish what they hold when asked to stop; the others are cancelled at once.
+FINISHING_LOOPS = {"ingest", "delivery", "mail"}
+
+
 async def shutdown(ctx: Context) -> None:
-    for task in ctx.get("tasks", []):
+    """Stop taking work, finish what is in hand within the budget, leave the group, close."""
+    started = time.monotonic()
+    budget = max(0.0, ctx["settings"].shutdown_seconds - SHUTDOWN_MARGIN_SECONDS)
+    tasks = ctx.get("tasks", [])
+    if "ingest" in ctx:
+        ctx["ingest"].stop()  # the batch in hand is applied and acknowledged
+        ctx["deliverer"].stop()  # attempts in flight go on
+        ctx["stop_mail"].set()  # the pass in hand ends
+        finishing = [task for task in tasks if task.get_name() in FINISHING_LOOPS]
+        if finishing:
+            await asyncio.wait(finishing, timeout=budget)
+    for task in tasks:
         task.cancel()
-    await asyncio.gather(*ctx.get("tasks", []), return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
     if "ingest" in ctx:
         log.info("ingest_stats", worker=ctx["name"], **ctx["ingest"].stats.as_dict())
     if "deliverer" in ctx:
-        await ctx["deliverer"].close()
+        await ctx["deliverer"].close(budget - (time.monotonic() - started))
     redis = ctx.get("store_redis")
     if redis is not None:
         with contextlib.suppress(*REDIS_UNAVAILABLE):
             await redis.zrem(keys.WORKERS, ctx["name"])
+            if "ingest" in ctx:
+                left = await ctx["ingest"].leave_group()
+                log.info("worker_left_group", worker=ctx["name"], left=left)
         await redis.aclose()
-    log.info("worker_stopped", worker=ctx.get("name"))
+    log.info(
+        "worker_stopped",
+        worker=ctx.get("name"),
+        after_s=round(time.monotonic() - started, 2),
+    )
 
 
 class ArqRedisMissing(RuntimeError):

@@ -16,11 +16,16 @@ A crash anywhere before step 5 leaves the entries pending; this or another
 worker applies them again, which changes nothing because a transaction's
 updates merge monotonically — so every accepted update takes effect exactly
 once. Deposits to addresses no invoice owns are kept in `cv:orphans`.
+
+A stopping worker (`stop`) finishes the batch in hand, reads no more and
+leaves the group. A dead worker's consumer is removed from the group by the
+others once its pending entries were claimed (`forget_dead_consumers`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -93,13 +98,20 @@ class Ingest:
     service: InvoiceService
     consumer: str
     reclaim_idle_ms: int = 30_000
+    # A consumer whose worker's heartbeat (keys.WORKERS) is this old is dead (seconds).
+    dead_after_seconds: float = 10.0
     batch: int = BATCH
     stats: IngestStats = field(default_factory=IngestStats)
     _owners: dict[tuple[str, str], int] = field(default_factory=dict)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def stop(self) -> None:
+        """Read no new batch; `run` returns once the batch in hand is applied (≤ BLOCK_MS idle)."""
+        self._stopping.set()
 
     async def run(self) -> None:
-        """Consume every partition forever, one reader task each (a cluster runs each on
-        the partition's master)."""
+        """Consume every partition until stopped, one reader task each (a cluster runs each
+        on the partition's master)."""
         readers = [
             asyncio.create_task(self.run_partition(p), name=f"ingest-{p}")
             for p in range(keys.partitions())
@@ -112,15 +124,17 @@ class Ingest:
             await asyncio.gather(*readers, return_exceptions=True)
 
     async def run_partition(self, partition: int) -> None:
-        """Consume one partition; ride out Redis restarts; re-read our own pending entries."""
+        """Consume one partition until stopped; ride out Redis restarts; re-read our pending
+        entries after one."""
         failures = 0
         backlog = True  # first our own unacknowledged entries (after a restart)
         next_reclaim = 0.0
-        while True:
+        while not self._stopping.is_set():
             try:
                 if failures or time.monotonic() >= next_reclaim:
                     await ensure_partition_group(self.redis, partition)
                     await self.reclaim(partition)
+                    await self.forget_dead_consumers(partition)
                     next_reclaim = time.monotonic() + RECLAIM_EVERY_SECONDS
                 entries = await self.read(partition, backlog)
                 if backlog and not entries:
@@ -134,7 +148,8 @@ class Ingest:
                 log.warning(
                     "ingest_redis_error", partition=partition, error=repr(exc), retry_in_s=delay
                 )
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
                 backlog = True
 
     async def read(self, partition: int, backlog: bool) -> list[Entry]:
@@ -170,6 +185,49 @@ class Ingest:
                 "ingest_reclaimed", entries=taken, partition=partition, consumer=self.consumer
             )
         return taken
+
+    async def forget_dead_consumers(self, partition: int) -> int:
+        """Remove from a partition's group the consumers of dead workers that hold no entry.
+
+        Their entries are claimed first (`reclaim`, after `reclaim_idle_ms`), so a
+        dead worker leaves the group on a later round. The heartbeats live in
+        another slot than the partition: they are read first, and drop_consumer.lua
+        re-checks the pending list in the same atomic step as the delete (a worker
+        alive after all recreates its consumer with its next read).
+        """
+        consumers = await self.redis.xinfo_consumers(keys.updates(partition), keys.UPDATES_GROUP)
+        idle = [
+            name
+            for info in consumers
+            if info["pending"] == 0 and (name := _text(info["name"])) != self.consumer
+        ]
+        if not idle:
+            return 0
+        dead_before = time.time() - self.dead_after_seconds
+        beats = await self.redis.zmscore(keys.WORKERS, idle)
+        dead = [
+            n for n, beat in zip(idle, beats, strict=True) if beat is None or beat < dead_before
+        ]
+        removed = [name for name in dead if await self._drop_consumer(partition, name)]
+        if removed:
+            log.info("ingest_consumers_removed", partition=partition, consumers=removed)
+        return len(removed)
+
+    async def leave_group(self) -> bool:
+        """Remove this worker's own consumer from every partition (it stops), except where
+        entries are still pending for it; True when it left them all.
+
+        Call it once the heartbeat is withdrawn; pending entries stay for the
+        others to claim, and they remove the consumer afterwards.
+        """
+        left = [await self._drop_consumer(p, self.consumer) for p in range(keys.partitions())]
+        return all(left)
+
+    async def _drop_consumer(self, partition: int, name: str) -> bool:
+        removed = await self.service.store.scripts.drop_consumer(
+            keys=[keys.updates(partition)], args=[keys.UPDATES_GROUP, name]
+        )
+        return bool(removed)
 
     async def process(
         self, partition: int, entries: Sequence[Entry], reclaimed: bool = False
@@ -338,6 +396,10 @@ class Ingest:
         await awaited(self.redis.hset(keys.UPDATES_PARKED, mapping=record))
         stats.parked += len(payloads)
         log.error("ingest_parked", entries=len(payloads), reason=reason)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _apply_all(

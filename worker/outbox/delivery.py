@@ -138,6 +138,7 @@ class Deliverer:
     _waiting: dict[str, deque[tuple[Invoice, Merchant, float]]] = field(default_factory=dict)
     _merchants: dict[str, tuple[float, Merchant | None]] = field(default_factory=dict)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: bool = False
     _records: GroupCommit[tuple[Invoice, Outcome, int], tuple[str, int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -156,7 +157,26 @@ class Deliverer:
             timeout=aiohttp.ClientTimeout(total=self.settings.callback_timeout_seconds),
         )
 
-    async def close(self) -> None:
+    def stop(self) -> None:
+        """Claim nothing more; `run` returns, attempts in flight go on (see `close`)."""
+        self._stopping = True
+        self.wake()
+
+    async def close(self, grace_seconds: float = 0.0) -> None:
+        """Give attempts in flight `grace_seconds` to finish and record, then cancel the rest.
+
+        Claimed callbacks still waiting for their merchant's slot go back to the
+        schedule for another worker; a cancelled attempt's lease runs out and
+        another worker delivers it (possibly again, with the same sequence).
+        """
+        waiting = [invoice.id for line in self._waiting.values() for invoice, _, _ in line]
+        self._waiting.clear()
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
+            await self._reschedule([], waiting)
+        if self._tasks and grace_seconds > 0:
+            await asyncio.wait(list(self._tasks), timeout=grace_seconds)
+        if self._tasks:
+            log.warning("deliveries_cancelled", attempts=len(self._tasks))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -164,10 +184,10 @@ class Deliverer:
             await self._session.close()
 
     async def run(self) -> None:
-        """Claim and deliver forever; attempts run concurrently, leases guard each invoice."""
+        """Claim and deliver until stopped; attempts run concurrently, leases guard each invoice."""
         if self._session is None:
             await self.start()
-        while True:
+        while not self._stopping:
             try:
                 await self.deliver_due()
             except REDIS_UNAVAILABLE as exc:

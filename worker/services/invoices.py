@@ -29,7 +29,7 @@ from worker.domain.events import (
 from worker.domain.machine import DomainError, NewInvoice, Policy, Transition
 from worker.domain.models import DepositAddress, Invoice, Merchant, PaymentType, Quote
 from worker.logs import get_logger
-from worker.store.invoices import DuplicateForeignId, InvoiceStore, Stored
+from worker.store.invoices import InvoiceStore, Stored
 from worker.store.mails import release_waiting
 
 log = get_logger(__name__)
@@ -123,7 +123,7 @@ class InvoiceService:
         """
         existing = await self.store.id_by_foreign_id(merchant.key, request.foreign_id)
         if existing is not None:
-            raise DuplicateForeignId(existing)
+            raise await self.store.taken(existing)
         now = self.now()
         kind = machine.invoice_type(request.timer, request.sender_currency)
         quotes: tuple[Quote, ...] = ()

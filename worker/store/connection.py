@@ -228,7 +228,7 @@ async def _wait_cluster(cluster: RedisCluster, replicas: int, timeout_ms: int) -
         raise ReplicationTimeout(replicas, confirmed)
 
 
-async def acknowledged(redis: Redis, pipe: Pipeline, *, raise_on_error: bool = True) -> list[Any]:
+async def acknowledged(redis: Redis, pipe: Pipeline) -> list[Any]:
     """Execute `pipe` (transaction=False) and WAIT for the replicas on its connection.
 
     A pipeline runs on one connection, so the WAIT appended to it counts the
@@ -238,12 +238,12 @@ async def acknowledged(redis: Redis, pipe: Pipeline, *, raise_on_error: bool = T
     """
     replicas, timeout_ms = _required(redis)
     if replicas and is_cluster(redis):
-        done: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
+        done: list[Any] = await pipe.execute()
         await _wait_cluster(cast(RedisCluster, redis), replicas, timeout_ms)
         return done
     if replicas:
         pipe.wait(replicas, timeout_ms)
-    results: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
+    results: list[Any] = await pipe.execute()
     if replicas:
         confirmed = results.pop()
         if not isinstance(confirmed, int) or confirmed < replicas:

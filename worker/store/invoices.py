@@ -25,7 +25,7 @@ from worker.domain.models import Invoice
 from worker.domain.money import fmt8
 from worker.store import keys
 from worker.store.codec import dump_invoice, load_invoice
-from worker.store.connection import acknowledged, awaited
+from worker.store.connection import acknowledged, awaited, replicated
 from worker.store.scripts import Scripts
 
 
@@ -98,7 +98,16 @@ class InvoiceStore:
             await self.scripts.create(keys=keys_, args=args, client=pipe)
             [(created, existing)] = await acknowledged(self.redis, pipe)
         if not int(created):
-            raise DuplicateForeignId(int(existing))
+            raise await self.taken(int(existing))
+
+    async def taken(self, existing: int) -> DuplicateForeignId:
+        """The error for a foreign id in use, once the replicas hold that invoice.
+
+        Often the answer to a retry after a 503: "it exists" may be said only
+        when a failover cannot forget it (ReplicationTimeout otherwise).
+        """
+        await replicated(self.redis)
+        return DuplicateForeignId(existing)
 
     async def claim_address(self, invoice_id: int, currency: str, address: str) -> None:
         """Make `invoice_id` the owner of a deposit address, before the write that assigns it.

@@ -67,3 +67,4 @@ class Scripts:
         self.delivery_done = Script(redis, "delivery_done")
         self.redeliver = Script(redis, "redeliver")
         self.append = Script(redis, "append")
+        self.drop_consumer = Script(redis, "drop_consumer")

@@ -38,3 +38,25 @@ async def stream_backlog(redis: Redis) -> int:
         for partition in range(keys.partitions()):
             pipe.xlen(keys.updates(partition))
         return sum(await pipe.execute())
+
+
+async def all_entries(redis: Redis) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry of every partition still in the stream (operators, tests)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for partition in range(keys.partitions()):
+            pipe.xrange(keys.updates(partition))
+        return [entry for entries in await pipe.execute() for entry in entries]
+
+
+async def group_consumers(redis: Redis) -> dict[str, int]:
+    """Every consumer in any partition's group, with the entries it holds unacknowledged."""
+    held: dict[str, int] = {}
+    for partition in range(keys.partitions()):
+        try:
+            rows = await redis.xinfo_consumers(keys.updates(partition), keys.UPDATES_GROUP)
+        except ResponseError:  # no group in this partition yet
+            continue
+        for row in rows:
+            name = row["name"].decode() if isinstance(row["name"], bytes) else str(row["name"])
+            held[name] = held.get(name, 0) + int(row["pending"])
+    return held
