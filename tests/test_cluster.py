@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from redis.crc import key_slot
 
 from receiver import appkeys
 from receiver.app import create_app
@@ -39,6 +40,7 @@ from tests.support import (
     merchant_post,
     signed_headers,
 )
+from worker.app.main import ArqRedisMissing, arq_redis_settings
 from worker.config import Settings
 from worker.domain.models import Merchant
 from worker.ingest.consumer import Ingest
@@ -46,6 +48,7 @@ from worker.mail.loop import Mailer
 from worker.mail.transport import MaildirTransport
 from worker.outbox.delivery import Deliverer
 from worker.services.invoices import InvoiceService
+from worker.store import keys
 from worker.store.connection import Client as RedisClient
 from worker.store.connection import connect
 from worker.store.deliveries import delivery_log
@@ -258,3 +261,48 @@ async def test_callbacks_retry_and_emails_are_sent(stack: Stack) -> None:
     assert [a["status_code"] for a in attempts] == [500, 200]
     assert await stack.mailer.send_due() == 1
     assert len(list((stack.maildir / "new").iterdir())) == 1
+
+
+# --------------------------------------------------------------------------- settings and layout
+
+
+def test_cluster_nodes_and_partitions_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """COINVOICE_REDIS_CLUSTER_NODES is host:port pairs; COINVOICE_STREAM_PARTITIONS a count."""
+    monkeypatch.setenv("COINVOICE_REDIS_CLUSTER_NODES", "10.0.0.1:7000, 10.0.0.2:7001")
+    monkeypatch.setenv("COINVOICE_STREAM_PARTITIONS", "32")
+    settings = Settings()
+    assert settings.redis_cluster_nodes == (("10.0.0.1", 7000), ("10.0.0.2", 7001))
+    assert settings.stream_partitions == 32
+    monkeypatch.delenv("COINVOICE_STREAM_PARTITIONS")
+    assert Settings().stream_partitions == 16  # spec §11 default
+    monkeypatch.setenv("COINVOICE_REDIS_CLUSTER_NODES", "10.0.0.1")
+    with pytest.raises(ValueError, match="host:port"):
+        Settings()
+
+
+def test_cluster_mode_needs_a_redis_of_its_own_for_arq() -> None:
+    """arq speaks to one Redis: cluster mode without COINVOICE_ARQ_REDIS_URL is refused."""
+    nodes = "127.0.0.1:7000"
+    with pytest.raises(ArqRedisMissing, match="COINVOICE_ARQ_REDIS_URL"):
+        arq_redis_settings(make_settings(None, redis_cluster_nodes=nodes))
+    settings = make_settings(None, redis_cluster_nodes=nodes, arq_redis_url="redis://10.0.0.9:6390")
+    assert (arq_redis_settings(settings).host, arq_redis_settings(settings).port) == (
+        "10.0.0.9",
+        6390,
+    )
+
+
+@pytest.mark.parametrize("count", [1, 3, 16, 64])
+def test_partition_tags_spread_evenly_over_the_slots(count: int) -> None:
+    """Partition p's tag hashes into the p-th of `count` equal slot ranges (so, on masters)."""
+    for partition in range(count):
+        tag = keys._tag(partition, count)
+        slot = key_slot(tag.encode())
+        assert partition * 16384 // count <= slot < (partition + 1) * 16384 // count
+    # With the default 16 and three masters over equal ranges, each master gets 5 or 6.
+    per_master = [0, 0, 0]
+    for partition in range(16):
+        per_master[key_slot(keys._tag(partition, 16).encode()) * 3 // 16384] += 1
+    assert sorted(per_master) == [5, 5, 6]
