@@ -18,6 +18,9 @@ from redis.asyncio import Redis
 from worker.store import keys
 from worker.store.scripts import Script
 
+# A claim looks again this often at most when other workers took what it counted.
+CLAIM_ROUNDS = 3
+
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -33,36 +36,44 @@ async def claim_due(
 ) -> list[str]:
     """Lease up to `limit` due members of every partition's `schedule` until `lease_end`.
 
-    Two round trips: count what is due per partition, then claim, sharing
-    `limit` among the partitions in random order (no partition starves
-    another, and nothing is claimed that the caller cannot take).
+    A round is two round trips: count what is due per partition, then claim,
+    sharing what is left of `limit` among the partitions in random order (no
+    partition starves another, and nothing is claimed that the caller cannot
+    take). Another worker may have claimed a partition's members between the
+    two; then the next round (at most CLAIM_ROUNDS) looks again.
     """
-    count = keys.partitions()
-    async with redis.pipeline(transaction=False) as pipe:
-        for partition in range(count):
-            pipe.zcount(schedule(partition), "-inf", now)
-        due = await pipe.execute()
-    order = [p for p in range(count) if due[p]]
-    random.shuffle(order)
-    shares: dict[int, int] = {}
-    left = limit
-    for partition in order:
-        if left <= 0:
+    claimed: list[str] = []
+    for _ in range(CLAIM_ROUNDS):
+        left = limit - len(claimed)
+        due = await _due_counts(redis, schedule, now)
+        order = [p for p, n in enumerate(due) if n]
+        if left <= 0 or not order:
             break
-        shares[partition] = min(due[partition], left)
-        left -= shares[partition]
-    if not shares:
-        return []
+        random.shuffle(order)
+        shares: dict[int, int] = {}
+        for partition in order:
+            if left <= 0:
+                break
+            shares[partition] = min(due[partition], left)
+            left -= shares[partition]
+        async with redis.pipeline(transaction=False) as pipe:
+            for partition, share in shares.items():
+                await script(keys=[schedule(partition)], args=[now, lease_end, share], client=pipe)
+            replies = await pipe.execute()
+        taken = [_text(member) for members in replies for member in members]
+        claimed += taken
+        if len(taken) == sum(shares.values()):
+            break  # got every share: nothing was taken from under us
+    return claimed
+
+
+async def _due_counts(redis: Redis, schedule: Callable[[int], str], now: float) -> list[int]:
     async with redis.pipeline(transaction=False) as pipe:
-        for partition, share in shares.items():
-            await script(keys=[schedule(partition)], args=[now, lease_end, share], client=pipe)
-        replies = await pipe.execute()
-    return [_text(member) for members in replies for member in members]
+        for partition in range(keys.partitions()):
+            pipe.zcount(schedule(partition), "-inf", now)
+        return [int(n) for n in await pipe.execute()]
 
 
 async def count_due(redis: Redis, schedule: Callable[[int], str], now: float) -> int:
     """Members due by `now` over every partition's `schedule`."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for partition in range(keys.partitions()):
-            pipe.zcount(schedule(partition), "-inf", now)
-        return sum(await pipe.execute())
+    return sum(await _due_counts(redis, schedule, now))
