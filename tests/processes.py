@@ -159,7 +159,7 @@ async def post_update(session: aiohttp.ClientSession, base: str, payload: bytes)
 
 
 async def send_all(
-    base: str, payloads: list[bytes], concurrency: int, retry: bool = True, attempts: int = 100
+    base: str, payloads: list[bytes], concurrency: int, retry: bool = True
 ) -> dict[str, Any]:
     """Send every payload with `concurrency` senders; retry refusals; count what happened."""
     queue: asyncio.Queue[bytes] = asyncio.Queue()
@@ -172,7 +172,7 @@ async def send_all(
         nonlocal refused
         while not queue.empty():
             payload = queue.get_nowait()
-            for _attempt in range(attempts):
+            for _attempt in range(100):
                 if await post_update(session, base, payload) == 200:
                     accepted.append(payload)
                     break

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -50,7 +52,7 @@ from worker.outbox.delivery import Deliverer
 from worker.services.invoices import InvoiceService
 from worker.store import keys
 from worker.store.connection import Client as RedisClient
-from worker.store.connection import connect
+from worker.store.connection import ReplicationTimeout, connect, replicated
 from worker.store.deliveries import delivery_log
 from worker.store.merchants import MerchantStore, make_merchant
 from worker.store.redis_server import RedisServer
@@ -306,3 +308,30 @@ def test_partition_tags_spread_evenly_over_the_slots(count: int) -> None:
     for partition in range(16):
         per_master[key_slot(keys._tag(partition, 16).encode()) * 3 // 16384] += 1
     assert sorted(per_master) == [5, 5, 6]
+
+
+async def test_cluster_writes_wait_for_the_replica_of_every_master(
+    redis_cluster: LocalCluster,
+) -> None:
+    """COINVOICE_REDIS_MIN_REPLICAS=1 on a cluster: a hung replica makes the WAIT fail (503)."""
+    settings = make_settings(
+        None,
+        redis_cluster_nodes=redis_cluster.startup_nodes,
+        redis_min_replicas=1,
+        redis_wait_timeout_ms=300,
+    )
+    redis = connect(settings)
+    masters = redis_cluster.master_ports()
+    replica = next(node for node in redis_cluster.nodes if node.port not in masters)
+    assert replica.process is not None
+    try:
+        await replicated(redis)  # every master's replica answers
+        os.kill(replica.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(ReplicationTimeout):
+                await replicated(redis)
+        finally:
+            os.kill(replica.process.pid, signal.SIGCONT)
+        await replicated(redis)
+    finally:
+        await redis.aclose()

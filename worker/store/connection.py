@@ -217,6 +217,7 @@ async def _wait_cluster(cluster: RedisCluster, replicas: int, timeout_ms: int) -
     Every master is fenced, not only those a pipeline wrote to: one round trip
     to each, in parallel, covering every write any process made there before.
     """
+    await cluster.initialize()  # a no-op once the slot map is known; a fresh client has none
     masters = cluster.get_primaries()
     async with cluster.pipeline() as pipe:
         for node in masters:
