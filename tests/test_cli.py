@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,42 @@ async def test_merchant_add_prints_the_spec_fields(
     assert again.returncode == 1 and "exists" in again.stderr
     bad = await run(env, "merchant", "add", "--name", "Shop", "--callback-url", "ftp://x.example")
     assert bad.returncode == 2
+
+
+async def test_merchant_add_require_timestamp(env: dict[str, str], redis: aioredis.Redis) -> None:
+    """--require-timestamp opts the merchant in to replay protection; the default stays off."""
+    done = await run(
+        env, "merchant", "add", "--name", "Strict", "--callback-url", "https://shop.example/cb",
+        "--key", "strict", "--require-timestamp",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["require_timestamp"] is True
+    stored = await MerchantStore(redis).get("strict")
+    assert stored is not None and stored.require_timestamp
+    plain = await run(
+        env, "merchant", "add", "--name", "Plain", "--callback-url", "https://shop.example/cb",
+        "--key", "plain",
+    )  # fmt: skip
+    assert "require_timestamp" not in json.loads(plain.stdout)
+    stored = await MerchantStore(redis).get("plain")
+    assert stored is not None and not stored.require_timestamp
+
+
+async def test_merchant_add_refuses_a_callback_url_the_guard_refuses(
+    env: dict[str, str], redis: aioredis.Redis
+) -> None:
+    """Without COINVOICE_ALLOW_PRIVATE_CALLBACKS, private destinations are refused at
+    registration (any spelling, names resolving to loopback); public ones are stored."""
+    strict = {**env, "COINVOICE_ALLOW_PRIVATE_CALLBACKS": "0"}
+    for url in ("http://2130706433/cb", "http://[::ffff:127.0.0.1]/cb", "http://localhost/cb"):
+        refused = await run(strict, "merchant", "add", "--name", "S", "--callback-url", url)
+        assert refused.returncode == 2, url
+        assert "non-public" in refused.stderr and refused.stdout == ""
+    assert await redis.scard("cv:merchants") == 0
+    public = "https://8.8.8.8/cb"
+    added = await run(strict, "merchant", "add", "--name", "S", "--callback-url", public)
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["callback_url"] == public
 
 
 async def test_simulate_deposit_pays_an_invoice(
@@ -185,3 +222,86 @@ async def test_invoice_show_and_callbacks_redeliver(
     assert await redis.hget(keys.delivery(invoice.id), "dead") is None
     missing = await run(env, "invoice", "show", "nope", "--merchant", merchant.key)
     assert missing.returncode == 1
+
+
+# --------------------------------------------------------------------------- newcomer (issue 10)
+
+DEMO_KEYS_WARNING = "demo_extended_keys_in_use"
+
+
+async def test_merchant_add_refuses_a_private_callback_url(
+    env: dict[str, str], redis: aioredis.Redis
+) -> None:
+    """Without private callbacks allowed, a loopback callback URL is refused and not stored."""
+    strict = {**env, "COINVOICE_ALLOW_PRIVATE_CALLBACKS": "0"}
+    for url, reason in (
+        ("http://127.0.0.1:8000/cb", "127.0.0.1 resolves to non-public address 127.0.0.1"),
+        ("http://localhost:8000/cb", "localhost resolves to non-public address 127.0.0.1"),
+    ):
+        done = await run(
+            strict, "merchant", "add", "--name", "Shop", "--callback-url", url, "--key", "priv"
+        )
+        assert done.returncode == 2, done.stdout
+        assert reason in done.stderr and "COINVOICE_ALLOW_PRIVATE_CALLBACKS=1" in done.stderr
+        assert done.stdout == ""
+        assert await MerchantStore(redis).get("priv") is None
+    allowed = await run(
+        env, "merchant", "add", "--name", "Shop", "--callback-url", "http://127.0.0.1:8000/cb"
+    )
+    assert allowed.returncode == 0, allowed.stderr
+
+
+async def test_demo_key_warning_only_where_addresses_are_derived(
+    env: dict[str, str],
+    redis: aioredis.Redis,
+    settings: Settings,
+    merchant: Merchant,
+    tmp_path: Path,
+) -> None:
+    """The receiver and the worker warn about the demo keys; operator commands do not."""
+    service = invoice_service(redis, settings)
+    await service.create(merchant, InvoiceRequest("warn", "Tea", "EUR", Decimal(5), True))
+    await service.cancel(merchant.key, "warn")
+    for args in (
+        ("invoice", "show", "warn", "--merchant", merchant.key),
+        ("callbacks", "redeliver", "warn", "--merchant", merchant.key),
+        ("orphans",),
+    ):
+        done = await run(env, *args)
+        assert done.returncode == 0, done.stderr
+        assert DEMO_KEYS_WARNING not in done.stderr, args
+    receiver, _ = await processes.receiver(env, tmp_path)
+    worker = processes.worker(env, tmp_path)
+    try:
+        async with asyncio.timeout(20):
+            while DEMO_KEYS_WARNING not in worker.log_path.read_text():  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+    finally:
+        worker.stop()
+        receiver.stop()
+    assert receiver.log_path.read_text().count(DEMO_KEYS_WARNING) == 1
+    assert worker.log_path.read_text().count(DEMO_KEYS_WARNING) == 1
+
+
+async def test_invoice_show_names_gross_fee_and_net(
+    env: dict[str, str], client: Any, merchant: Merchant, ingest: Ingest
+) -> None:
+    """invoice show of a paid invoice: credited gross, the fee, and the net on the balance."""
+    from tests.support import create_payload, merchant_post, processing_post
+
+    _, created = await merchant_post(
+        client, merchant, "/api/v2/invoices/create", create_payload("paid", sender_currency="BTC")
+    )
+    address, amount = created["data"]["address"], created["data"]["sender_amount"]
+    await processing_post(client, deposit(address, amount, status="confirmed", confirmations=1))
+    await drain(ingest)
+    shown = await run(env, "invoice", "show", "paid", "--merchant", merchant.key)
+    assert shown.returncode == 0, shown.stderr
+    credited = json.loads(shown.stdout)["credited"]
+    assert {k: credited[k] for k in ("currency", "gross", "fee", "net")} == {
+        "currency": "EUR",
+        "gross": "106.75000000",
+        "fee": "1.06750000",
+        "net": "105.68250000",
+    }
+    assert "before the fee" in credited["meaning"]

@@ -45,6 +45,7 @@ from tests.support import (
 from worker.app.main import ArqRedisMissing, arq_redis_settings
 from worker.config import Settings
 from worker.domain.models import Merchant
+from worker.domain.prices import Price
 from worker.ingest.consumer import Ingest
 from worker.mail.loop import Mailer
 from worker.mail.transport import MaildirTransport
@@ -55,6 +56,7 @@ from worker.store.connection import Client as RedisClient
 from worker.store.connection import ReplicationTimeout, connect, replicated
 from worker.store.deliveries import delivery_log
 from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.rates import RatesLead, read_prices, source_health
 from worker.store.redis_server import RedisServer
 
 Client = TestClient[Any, Any]
@@ -263,6 +265,35 @@ async def test_callbacks_retry_and_emails_are_sent(stack: Stack) -> None:
     assert [a["status_code"] for a in attempts] == [500, 200]
     assert await stack.mailer.send_due() == 1
     assert len(list((stack.maildir / "new").iterdir())) == 1
+
+
+async def test_refund_page_opens_by_its_token_and_not_by_a_leftover_key(stack: Stack) -> None:
+    """The refund token's page opens; an index key its invoice does not hold (lost commit): 404."""
+    invoice = await created(stack, "refund", sender_currency="BTC", email_user="c@e.test")
+    half = (Decimal(invoice["sender_amount"]) / 2).quantize(Decimal("0.00000001"))
+    await process(stack, body_for(invoice["address"], str(half), tx_id=43))
+    await drain(stack.ingest)
+    stored = await stack.service.by_foreign_id(stack.merchant.key, "refund")
+    refund_token = stored.invoice.refund_token
+    assert refund_token is not None
+    assert (await stack.client.get(f"/refund/{refund_token}")).status == 200
+    await stack.service.store.claim_refund_token(stored.invoice.id, "L" * 32)
+    assert (await stack.client.get(f"/refund/{'L' * 32}")).status == 404
+
+
+async def test_live_rates_lead_publish_and_resign(stack: Stack) -> None:
+    """rates_lead, rates_publish (lease and table) and rates_resign run in one slot: {rates}."""
+    lead, other = RatesLead(stack.redis, "w1"), RatesLead(stack.redis, "w2")
+    assert await lead.take(10_000) and not await other.take(10_000)
+    price = Price(Decimal("64012.5"), 1_795_703_443, ("bitstamp", "kraken"))
+    assert await lead.publish({"BTC": price})
+    assert not await other.publish({"BTC": price})  # not the leader: nothing written
+    await lead.record_sources({"bitstamp": 1_795_703_443}, {"kraken": "timeout"})
+    assert await read_prices(stack.redis) == {"BTC": price}
+    [health] = await source_health(stack.redis, ["kraken"])
+    assert health.errors == 1
+    await lead.resign()
+    assert await other.take(10_000)
 
 
 # --------------------------------------------------------------------------- settings and layout

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 from decimal import Decimal
 
 import redis.asyncio as aioredis
@@ -54,7 +55,7 @@ async def paid_plans(redis: aioredis.Redis, url: str, merchant: Merchant, count:
 async def test_every_scripts_keys_share_one_slot(
     redis: aioredis.Redis, redis_server: RedisServer, merchant: Merchant
 ) -> None:
-    """create, commit, delivery_done, ledger_apply: each call's KEYS hash to one slot."""
+    """create, commit, delivery_done, ledger_apply, rates_*: each call's KEYS hash to one slot."""
     service = invoice_service(redis, make_settings(redis_server.url))
     plans = await create_plans(service, merchant, 5, random.Random(1))
     store: InvoiceStore = service.store
@@ -65,6 +66,10 @@ async def test_every_scripts_keys_share_one_slot(
         assert stored is not None
         transition = apply(invoice, plan.updates[-1], service.policy)
         commit_keys, _ = store.commit_call(stored, transition, 0)
+        # A commit that issues a refund token too: its index key is written before, apart.
+        issuing = replace(transition, invoice=replace(transition.invoice, refund_token="r" * 32))
+        assert one_slot(store.commit_call(stored, issuing, 0)[0])
+        assert keys.refund_token("r" * 32) not in store.commit_call(stored, issuing, 0)[0]
         done_keys, _ = record_call(invoice.id, 1, Outcome(200, "", 1, True), 0, (60,))
         assert one_slot(create_keys) and one_slot(commit_keys) and one_slot(done_keys)
         # …and the balances are in another slot than the invoice: hence the ledger outbox.
@@ -73,6 +78,8 @@ async def test_every_scripts_keys_share_one_slot(
         [keys.balance("m"), keys.ledger("m"), keys.ledger_applied("m"), keys.merchant("m")]
     )
     assert one_slot([keys.address_pool("BTC"), keys.hd_index("BTC"), keys.ADDRESS_IDS])
+    # rates_lead/rates_publish/rates_resign: the lease and the table (and the sources' health).
+    assert one_slot([keys.RATES_LEADER, keys.RATES, keys.RATES_SOURCES])
 
 
 async def test_posting_again_after_a_crash_before_the_delete_credits_once(

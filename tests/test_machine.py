@@ -402,6 +402,19 @@ def test_a_final_invoice_without_email_takes_one() -> None:
         apply(new, CustomerConfirm(T0 + 10, None, "other@example.com"), POLICY)
 
 
+@pytest.mark.parametrize("kind", [1, 2, 3])
+def test_the_email_given_at_confirmation_is_fixed(kind: int) -> None:
+    """Once confirmed, another e-mail is refused: the invoice link cannot redirect refund mail."""
+    invoice = make_invoice(kind)
+    if kind == 3:
+        invoice, _ = step(invoice, CustomerConfirm(T0 + 5, None, "buyer@example.com"))
+    assert invoice.email == "buyer@example.com"
+    with pytest.raises(InvalidChoice) as refused:
+        apply(invoice, CustomerConfirm(T0 + 6, None, "thief@example.com"), POLICY)
+    assert refused.value.message == "The e-mail address has already been given."
+    assert step(invoice, CustomerConfirm(T0 + 7, None, "buyer@example.com")) == (invoice, [])
+
+
 # --------------------------------------------------------------------------- merchant cancel (§6)
 
 

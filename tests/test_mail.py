@@ -300,6 +300,13 @@ def token_of(invoice: dict[str, Any]) -> str:
     return str(invoice["url"]).rsplit("/invoice/", 1)[1]
 
 
+async def refund_token_of(service: InvoiceService, invoice: dict[str, Any]) -> str:
+    """The refund page's token, issued with the invoice's first refund/payback e-mail."""
+    stored = await service.store.get(invoice["id"])
+    assert stored is not None and stored.invoice.refund_token is not None
+    return stored.invoice.refund_token
+
+
 def text_of(message: EmailMessage) -> str:
     part = message.get_body(("plain",))
     assert isinstance(part, EmailMessage)
@@ -354,9 +361,11 @@ async def test_each_cause_is_mailed_once_from_a_real_flow(
     assert f"Expected: {invoice['sender_amount']} BTC" in text
     assert f"Received: {received} BTC" in text
     assert phrase in text
-    refund_url = f"http://coinvoice.test/refund/{token_of(invoice)}"
+    # The refund link names the refund token, never the invoice's (spec §7).
+    refund_url = f"http://coinvoice.test/refund/{await refund_token_of(flow.service, invoice)}"
     assert refund_url in text
     assert f'href="{refund_url}"' in html_of(message)
+    assert token_of(invoice) not in text_of(message) + html_of(message)
     safe_cause = cause.replace(":", "-")
     assert re.fullmatch(
         rf"<{invoice['id']}\.{safe_cause}\.[0-9a-f]{{16}}@coinvoice>", message["Message-ID"]
@@ -389,7 +398,7 @@ async def test_maildir_is_the_default_transport(
     message = message_from_bytes(box.get_bytes(key), policy=default_policy)
     assert isinstance(message, EmailMessage)
     assert message["Subject"] == f"Payback guideline: {TITLE}"
-    assert f"/refund/{token_of(invoice)}" in text_of(message)
+    assert f"/refund/{await refund_token_of(service, invoice)}" in text_of(message)
     assert "<html" in html_of(message)
 
 

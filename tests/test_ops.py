@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ from receiver.api.openapi import DOCS
 from receiver.app import create_app
 from tests import processes
 from tests.support import eventually, make_settings, merchant_post
+from worker.app.main import HEARTBEAT_STALE_SECONDS, check
 from worker.domain.models import Merchant
+from worker.store import keys
 from worker.store.redis_server import RedisServer, free_port
 
 Client = TestClient[Any, Any]
@@ -149,3 +152,18 @@ async def test_worker_check(
     finally:
         assert worker.stop() == 0  # a clean shutdown on SIGTERM
     assert await asyncio.to_thread(_check, env) == 1  # it deregistered on the way out
+
+
+@pytest.mark.parametrize(
+    ("host", "alive"),
+    [(None, True), ("pod-a", True), ("pod-b", False), ("pod", False), ("pod-c", False)],
+)
+async def test_worker_check_on_this_host_counts_only_its_own_workers(
+    redis: aioredis.Redis, redis_server: RedisServer, host: str | None, alive: bool
+) -> None:
+    """`worker --check --this-host` passes only on a fresh heartbeat of a worker named
+    `{host}:{pid}`: a pod's probe is about its own worker, not about any in the fleet."""
+    now = time.time()
+    stale = now - HEARTBEAT_STALE_SECONDS - 1
+    await redis.zadd(keys.WORKERS, {"pod-a:1": now, "pod-b:1": stale, "pod-b:7": stale})
+    assert await check(make_settings(redis_server.url), host) is alive

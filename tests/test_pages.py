@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from receiver import appkeys
 from receiver.app import create_app
 from tests.browser import (
     CHROMIUM_ARGS,
@@ -33,7 +35,11 @@ from tests.browser import (
     screenshot,
 )
 from tests.support import PROCESSING_SECRET, deposit, make_settings
+from worker.domain.currencies import FileRateProvider
 from worker.domain.events import TimerFired
+from worker.domain.prices import Price
+from worker.store import keys
+from worker.store.rates import RatesLead, RedisPrices
 from worker.store.redis_server import RedisServer
 
 # One receiver, one browser and one event loop for the module: launching
@@ -369,7 +375,7 @@ async def test_expired_invoice_shows_its_failure_live_and_after_reload(
     await expect(page.locator("#confirm-form")).to_be_hidden()
     failed = page.get_by_role("link", name="Return to the shop")
     await expect(failed).to_have_attribute("href", "https://shop.example/failed")
-    await expect(page.get_by_role("link", name="Claim a refund")).to_be_hidden()  # nothing paid
+    await expect(page.locator("#refund-note")).to_be_hidden()  # nothing paid
     await assert_not_reloaded(page)
     await screenshot(page, "expired-1-live")
 
@@ -399,11 +405,14 @@ async def test_refund_page_stores_a_valid_address_once(live: Live, page: Page) -
     await expect(page.locator("#status-detail")).to_contain_text(
         "Less than the requested amount arrived."
     )
+    # The invoice page promises the refund link by e-mail and never shows it (spec §7).
+    await expect(page.locator("#refund-note")).to_contain_text("we e-mail you a link")
+    await expect(page.locator("a[href*='/refund/']")).to_have_count(0)
     await assert_not_reloaded(page)
     await screenshot(page, "refund-1-invoice-failed")
 
-    await page.get_by_role("link", name="Claim a refund").click()
-    await expect(page).to_have_url(f"{live.base}/refund/{token}")
+    refund_url = f"{live.base}/refund/{await live.refund_token(created['id'])}"
+    await page.goto(refund_url)  # the link in the payback e-mail
     field = page.get_by_label("Your BTC address")
     await field.fill("bc1qthisisnotanaddress")
     await page.get_by_role("button", name="Save refund address").click()
@@ -422,18 +431,24 @@ async def test_refund_page_stores_a_valid_address_once(live: Live, page: Page) -
 
     # A second, different address (a stale tab) is refused politely; the first stays.
     other = "bc1q9vza2e8x573nczrlzms0wvx3gsqjx7vavgkx0l"
-    async with live.session.post(f"{live.base}/refund/{token}", data={"address": other}) as r:
+    fields, headers = await live.form_token(refund_url)
+    async with live.session.post(
+        refund_url, data={"address": other, **fields}, headers=headers
+    ) as r:
         assert r.status == 409
         assert r.content_type == "text/html"
         assert "can be set only once" in await r.text()
     # The same address again (a double click) is a harmless repeat.
     async with live.session.post(
-        f"{live.base}/refund/{token}", data={"address": CUSTOMER_BTC}, allow_redirects=False
+        refund_url,
+        data={"address": CUSTOMER_BTC, **fields},
+        headers=headers,
+        allow_redirects=False,
     ) as r:
         assert r.status == 303
     assert (await live.status(fid))["refund_address"] == CUSTOMER_BTC
     await page.goto(invoice_url(live, token))
-    await expect(page.get_by_role("link", name="Claim a refund")).to_be_hidden()
+    await expect(page.locator("#refund-note")).to_be_hidden()
 
 
 # --------------------------------------------------------------------------- safety
@@ -468,8 +483,14 @@ async def test_pages_show_no_secrets(live: Live) -> None:
     fid = foreign_id("secret-check")
     created = await live.create(fid, sender_currency="BTC")
     token = token_of(created)
-    for path in (f"/invoice/{token}", f"/refund/{token}", f"/api/v2/public/invoices/{token}"):
+    half = f"{(Decimal(created['sender_amount']) / 2).quantize(Decimal('0.00000001')):f}"
+    await live.processing(
+        deposit(created["address"], half, tx_id=next(_ids), status="confirmed", confirmations=1)
+    )  # a payback is owed: the refund page exists
+    refund = f"/refund/{await live.refund_token(created['id'])}"
+    for path in (f"/invoice/{token}", refund, f"/api/v2/public/invoices/{token}"):
         async with live.session.get(live.base + path) as response:
+            assert response.status == 200, path
             body = await response.text()
         for secret in (live.merchant.secret, live.merchant.key, fid, PROCESSING_SECRET):
             assert secret not in body, (path, secret)
@@ -484,8 +505,11 @@ async def test_unknown_token_is_a_friendly_html_404(live: Live, page: Page) -> N
         assert response.headers["content-type"].startswith("text/html")
         assert "content-security-policy" in response.headers
         await expect(page.get_by_role("heading", name="Invoice not found")).to_be_visible()
+    fields, headers = await live.form_token(live.base + "/invoice/no-such-token")
     async with live.session.post(
-        live.base + "/invoice/no-such-token", data={"sender_currency": "BTC"}
+        live.base + "/invoice/no-such-token",
+        data={"sender_currency": "BTC", **fields},
+        headers=headers,
     ) as posted:
         assert posted.status == 404 and posted.content_type == "text/html"
     await screenshot(page, "not-found")
@@ -552,15 +576,60 @@ async def test_confirming_works_without_javascript(
     # The form's own checks, as a browser without validation would post it.
     other = token_of(await live.create(foreign_id("nojs-bad")))
     url = invoice_url(live, other)
-    async with live.session.post(url, data={"email": "x@example.com"}) as response:
+    fields, headers = await live.form_token(url)
+    async with live.session.post(
+        url, data={"email": "x@example.com", **fields}, headers=headers
+    ) as response:
         assert response.status == 400
         assert "Choose a currency to pay with." in await response.text()
-    async with live.session.post(url, data={"sender_currency": "BTC", "email": "nope"}) as response:
+    async with live.session.post(
+        url, data={"sender_currency": "BTC", "email": "nope", **fields}, headers=headers
+    ) as response:
         assert response.status == 400
         assert "Enter a valid e-mail address" in await response.text()
     async with live.session.post(
-        url, data={"sender_currency": "DOGE", "email": "x@example.com"}
+        url, data={"sender_currency": "DOGE", "email": "x@example.com", **fields}, headers=headers
     ) as r:
         assert r.status == 409
         assert "Currency DOGE is not offered for this invoice." in await r.text()
     assert (await live.public(other))["address"] is None
+
+
+async def test_type1_page_says_prices_are_unavailable_until_they_are_back(
+    live: Live, page: Page
+) -> None:
+    """Live rates too old: the page says so instead of amounts, and offers them once back."""
+    created = await live.create(foreign_id("no-prices"), timer=False)
+    token = token_of(created)
+    redis = live.app[appkeys.REDIS]
+    # This receiver runs on the rates file; for this test its prices come from an empty table.
+    file_prices = live.service.prices
+    live.service.prices = RedisPrices(redis, FileRateProvider.load(), 120, cache_seconds=0)
+    try:
+        await page.goto(invoice_url(live, token))
+        await expect(page.locator("#prices-unavailable")).to_have_text(
+            "Prices are unavailable for now. Please try again in a few minutes."
+        )
+        await expect(page.get_by_role("button", name="Continue to payment")).to_have_count(0)
+        await screenshot(page, "type1-prices-unavailable")
+
+        lead = RatesLead(redis, "pages-test")
+        assert await lead.take(60_000)
+        now = int(time.time())
+        demo = {
+            "BTC": "64000",
+            "BCH": "380",
+            "LTC": "82",
+            "ETH": "3100",
+            "USDT": "1",
+            "EUR": "1.08",
+        }
+        assert await lead.publish(
+            {symbol: Price(Decimal(price), now, ("test",)) for symbol, price in demo.items()}
+        )
+        await poll_now(page)  # the next poll sees prices again and the page reloads
+        await expect(page.locator(".offer")).to_have_count(5)
+        await expect(page.get_by_role("button", name="Continue to payment")).to_be_visible()
+    finally:
+        live.service.prices = file_prices
+        await redis.delete(keys.RATES, keys.RATES_LEADER)

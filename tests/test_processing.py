@@ -208,7 +208,9 @@ async def test_full_payment_confirms_and_credits(
     assert data["transactions"][0]["confirmations"] == "3"
     assert data["sequence"] == 2
     _, balances = await merchant_post(client, merchant, "/api/v2/accounts/list", {})
-    assert balances == {"data": [{"currency": "EUR", "balance": "105.68250000"}]}
+    by_currency = {a["currency"]: a for a in balances["data"]}
+    assert by_currency["EUR"] == {"currency": "EUR", "type": "fiat", "balance": "105.68250000"}
+    assert by_currency["BTC"]["balance"] == "0.00000000"
     ledger = [parse_ledger_line(e) for e in await redis.lrange(keys.ledger(merchant.key), 0, -1)]
     assert [(e.invoice_id, e.kind, e.currency, e.amount) for e in ledger] == [
         (invoice["id"], "credit", "EUR", Decimal("106.75")),

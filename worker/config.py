@@ -8,6 +8,7 @@ working default for a local run (spec §11).
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,6 +30,8 @@ MAX_BODY_BYTES = 64 * 1024
 # Demo processing key pair: fine for a laptop, refused nowhere, logged as a warning.
 DEMO_PROCESSING_KEY = "demo-processing-key"
 DEMO_PROCESSING_SECRET = "demo-processing-secret"  # noqa: S105 - a documented demo value
+# The live market sources worker/rates/ can read (COINVOICE_RATES_SOURCES).
+RateSourceName = Literal["kraken", "bitstamp", "coinbase", "ecb"]
 
 
 def _split_pairs(value: object) -> object:
@@ -121,9 +124,42 @@ class Settings(BaseSettings):
     rate_limit_public: int = Field(default=20, ge=0)
     # Take the client address from X-Forwarded-For (only behind a trusted proxy).
     trust_forwarded: bool = False
+    # Merchants with replay protection (`merchant add --require-timestamp`): how far
+    # X-Processing-Timestamp may be from our clock either way (seconds); a signature
+    # is remembered, and refused a second time, while its timestamp is this fresh.
+    replay_window_seconds: int = Field(default=300, gt=0)
+
+    # Slow clients (slowloris): a request head must arrive within this many seconds of
+    # its first byte (of the connection opening, for the first request), and a body
+    # (at most 64 KiB) within this many seconds of its head; otherwise 408 and closed.
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    body_timeout_seconds: float = Field(default=20.0, gt=0)
+    # An idle keep-alive connection is closed after this many seconds (keep it above
+    # the load balancer's idle timeout, 60 s on most, so the balancer closes first).
+    keepalive_seconds: float = Field(default=75.0, gt=0)
+    # Open connections per client address; more are answered 429 and closed. 0 disables.
+    # Behind a load balancer every connection comes from it: raise this, or set 0.
+    max_connections_per_client: int = Field(default=64, ge=0)
 
     # Rates (prices per currency) and HD extended public keys; unset: the bundled demo files.
     rates_file: Path | None = None
+    # Live exchange rates (spec §11): market sources read by one worker into Redis.
+    # Empty: the rates file's prices, which never go stale (the default, tests, `up`).
+    rates_sources: Annotated[tuple[RateSourceName, ...], NoDecode] = ()
+    # How often the leading worker reads the sources (seconds).
+    rates_refresh_seconds: float = Field(default=15.0, gt=0)
+    # A price older than this is never quoted: create and confirm answer 503 (seconds).
+    rates_max_age_seconds: int = Field(default=120, gt=0)
+    # With three or more sources, one further than this from their median is dropped
+    # (percent); two that differ by more than it give no price at all.
+    rates_max_spread_percent: Decimal = Field(default=Decimal(2), gt=0, lt=100)
+    # One source's answer must arrive within this (seconds); a slow source is skipped.
+    rates_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Base URLs of the sources (tests replay recorded answers from a local server).
+    rates_url_kraken: str = "https://api.kraken.com"
+    rates_url_bitstamp: str = "https://www.bitstamp.net"
+    rates_url_coinbase: str = "https://api.coinbase.com"
+    rates_url_ecb: str = "https://www.ecb.europa.eu"
     xpubs: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     # Optional preloaded deposit addresses: a TOML file {CURRENCY = ["addr", ...]}.
     address_pool_file: Path | None = None
@@ -135,6 +171,13 @@ class Settings(BaseSettings):
     @classmethod
     def _pairs(cls, value: object) -> object:
         return _split_pairs(value)
+
+    @field_validator("rates_sources", mode="before")
+    @classmethod
+    def _sources(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(dict.fromkeys(v.strip().lower() for v in value.split(",") if v.strip()))
+        return value
 
     @field_validator("redis_sentinels", "redis_cluster_nodes", mode="before")
     @classmethod
@@ -165,6 +208,16 @@ class Settings(BaseSettings):
     @property
     def uses_demo_processing_secret(self) -> bool:
         return self.processing_secret.get_secret_value() == DEMO_PROCESSING_SECRET
+
+    @property
+    def live_rates(self) -> bool:
+        """Prices come from market sources through Redis rather than the rates file."""
+        return bool(self.rates_sources)
+
+    def rates_url(self, source: RateSourceName) -> str:
+        """The base URL of a market source, without a trailing slash."""
+        url: str = getattr(self, f"rates_url_{source}")
+        return url.rstrip("/")
 
     def processing_window(self, currency: str) -> int:
         """Seconds a `processing` invoice paid in `currency` may wait for confirmations."""

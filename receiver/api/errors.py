@@ -16,11 +16,15 @@ from redis.exceptions import RedisClusterException, RedisError
 from receiver.accesslog import route_pattern
 from worker.domain.addresses import NoAddressAvailable
 from worker.domain.machine import DomainError, InvalidChoice
+from worker.domain.prices import RatesUnavailable
 from worker.logs import get_logger
 from worker.services.invoices import ConcurrentModification, InvoiceNotFound
 from worker.store.invoices import DuplicateForeignId
 
 log = get_logger(__name__)
+
+# A client refused for stale rates may retry after about one refresh (seconds).
+RATES_RETRY_AFTER_SECONDS = 15
 
 
 class ApiError(Exception):
@@ -35,6 +39,21 @@ class ApiError(Exception):
 
 def bad_signature() -> ApiError:
     return ApiError(403, {"error": "Bad signature header", "code": "bad_header_signature"})
+
+
+def bad_timestamp() -> ApiError:
+    """A replay-protected merchant's X-Processing-Timestamp is missing, malformed or stale."""
+    return ApiError(403, {"error": "Bad timestamp header", "code": "bad_header_timestamp"})
+
+
+def replayed() -> ApiError:
+    """A replay-protected merchant's signed request arrived a second time."""
+    return ApiError(403, {"error": "Request already received", "code": "replayed_request"})
+
+
+def cross_site() -> ApiError:
+    """A browser named another site as the page this request came from (spec §7)."""
+    return ApiError(403, {"error": "Cross-site request refused", "code": "cross_site"})
 
 
 def bad_content() -> ApiError:
@@ -58,6 +77,15 @@ def rate_limited(retry_after: int) -> ApiError:
         429,
         {"error": "Too many requests", "code": "rate_limited"},
         {"Retry-After": str(retry_after)},
+    )
+
+
+def rates_unavailable() -> ApiError:
+    """Spec §11: no quote from a price older than the maximum age; nothing was created."""
+    return ApiError(
+        503,
+        {"error": "Exchange rates unavailable", "code": "rates_unavailable"},
+        {"Retry-After": str(RATES_RETRY_AFTER_SECONDS)},
     )
 
 
@@ -103,6 +131,9 @@ def _from_exception(exc: Exception) -> ApiError | None:
                 {"error": "No deposit address available", "code": "no_address"},
                 {"Retry-After": "30"},
             )
+        case RatesUnavailable():
+            log.warning("rates_unavailable", currencies=list(exc.currencies))
+            return rates_unavailable()
         case ConcurrentModification():
             return ApiError(
                 503, {"error": "Invoice busy, retry", "code": "conflict"}, {"Retry-After": "1"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from aiohttp import web
 
 from receiver import appkeys
@@ -9,8 +11,8 @@ from receiver.api import views
 from receiver.api.errors import field_errors, invalid_state
 from receiver.api.requests import merchant_request
 from receiver.api.schemas import CreateInvoice, EmptyBody, ForeignIdBody
-from worker.domain.currencies import CurrencyType, UnknownCurrency
-from worker.domain.money import fmt8
+from worker.domain.currencies import Currency, CurrencyType, FileRateProvider, UnknownCurrency
+from worker.domain.money import ZERO, fmt8
 from worker.domain.snapshot import snapshot
 from worker.services.invoices import InvoiceRequest
 from worker.store.deliveries import delivery_log, redeliver
@@ -21,22 +23,41 @@ def data(payload: object) -> web.Response:
 
 
 async def ping(request: web.Request) -> web.Response:
-    return data({"status": "ok"})
+    """The plain body `OK`, as the public reference answers: client libraries compare it."""
+    return web.Response(text="OK")
+
+
+def _offered(rates: FileRateProvider, code: str) -> Currency | None:
+    """The currency if new invoices may use it (configured and not hidden)."""
+    try:
+        currency = rates.currency(code)
+    except UnknownCurrency:
+        return None
+    return currency if currency.visible else None
+
+
+def _amount_error(amount: Decimal, currency: Currency) -> str | None:
+    """Why `amount` does not fit the currency: too many decimals, or under its minimum."""
+    if amount != amount.quantize(Decimal(1).scaleb(-currency.precision)):
+        return f"Amount must have at most {currency.precision} decimals."
+    if amount < currency.minimum:
+        return (
+            f"The amount is too small. The minimum amount is {currency.minimum:f} {currency.code}."
+        )
+    return None
 
 
 def _check_currencies(request: web.Request, body: CreateInvoice) -> None:
     rates = request.app[appkeys.RATES]
     errors: dict[str, str] = {}
-    try:
-        rates.currency(body.currency)
-    except UnknownCurrency:
+    currency = _offered(rates, body.currency)
+    if currency is None:
         errors["currency"] = "Unknown currency."
+    elif (problem := _amount_error(body.amount, currency)) is not None:
+        errors["amount"] = problem
     if body.sender_currency is not None:
-        try:
-            crypto = rates.currency(body.sender_currency).type is CurrencyType.CRYPTO
-        except UnknownCurrency:
-            crypto = False
-        if not crypto:
+        sender = _offered(rates, body.sender_currency)
+        if sender is None or sender.type is not CurrencyType.CRYPTO:
             errors["sender_currency"] = "Unknown currency."
     if errors:
         raise field_errors(errors)
@@ -98,37 +119,17 @@ async def callbacks_redeliver(request: web.Request) -> web.Response:
 
 
 async def accounts_list(request: web.Request) -> web.Response:
+    """Every configured currency with its type and the merchant's balance, zeros included."""
     merchant, _ = await merchant_request(request, EmptyBody)
     balances = await request.app[appkeys.SERVICE].store.balances(merchant.key)
-    return data(
-        [{"currency": code, "balance": fmt8(balance)} for code, balance in sorted(balances.items())]
-    )
-
-
-async def currencies_list(request: web.Request) -> web.Response:
-    await merchant_request(request, EmptyBody)
-    return data(
-        [
-            {"currency": c.code, "type": c.type.value, "precision": c.precision}
-            for c in request.app[appkeys.RATES].currencies()
-        ]
-    )
-
-
-async def currencies_rates(request: web.Request) -> web.Response:
-    """Every crypto currency against every other currency."""
-    await merchant_request(request, EmptyBody)
-    rates = request.app[appkeys.RATES]
-    codes = [c.code for c in rates.currencies()]
-    pairs = [
-        {
-            "currency_from": c.code,
-            "currency_to": to,
-            "rate": fmt8(rates.rate(c.code, to)),
-        }
-        for c in rates.currencies()
-        if c.type is CurrencyType.CRYPTO
-        for to in codes
-        if to != c.code
+    accounts: list[dict[str, str | None]] = [
+        {"currency": c.code, "type": c.type.value, "balance": fmt8(balances.pop(c.code, ZERO))}
+        for c in request.app[appkeys.RATES].currencies()
     ]
-    return data(pairs)
+    # A balance in a currency since removed from the configuration is still money held:
+    # listed, with the type no longer known.
+    accounts += [
+        {"currency": code, "type": None, "balance": fmt8(balance)}
+        for code, balance in sorted(balances.items())
+    ]
+    return data(accounts)

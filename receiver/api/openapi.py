@@ -15,7 +15,14 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from receiver.api.processing import ProcessingCallback
-from receiver.api.schemas import ConfirmInvoice, CreateInvoice, EmptyBody, ForeignIdBody
+from receiver.api.schemas import (
+    ConfirmInvoice,
+    CreateInvoice,
+    CurrenciesFilter,
+    EmptyBody,
+    ForeignIdBody,
+    PairsFilter,
+)
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,7 @@ class Doc:
     auth: str | None = None  # "merchant" | "processing" | None
     body: type[BaseModel] | None = None
     public_limit: bool = False  # per-address rate limit (customer endpoints)
+    quotes: bool = False  # needs current prices: 503 rates_unavailable when they are stale
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -34,9 +42,12 @@ def _error(description: str) -> dict[str, Any]:
 
 
 DOCS: dict[str, Doc] = {
-    "ping": Doc("Liveness of the API; no authentication."),
+    "ping": Doc("Liveness of the API; no authentication; the plain-text body `OK`."),
     "create": Doc(
-        "Create an invoice (types 1–3 by `timer` and `sender_currency`).", "merchant", CreateInvoice
+        "Create an invoice (types 1–3 by `timer` and `sender_currency`).",
+        "merchant",
+        CreateInvoice,
+        quotes=True,
     ),
     "cancel": Doc(
         "Cancel an invoice in created/pending/processing: it fails.", "merchant", EmptyBody
@@ -52,12 +63,32 @@ DOCS: dict[str, Doc] = {
     "redeliver": Doc(
         "Deliver the newest snapshot again now (dead-lettered too).", "merchant", ForeignIdBody
     ),
-    "accounts": Doc("The merchant's balances per currency.", "merchant", EmptyBody),
-    "currencies": Doc("Supported currencies with type and precision.", "merchant", EmptyBody),
-    "rates": Doc("Exchange rates from each crypto currency.", "merchant", EmptyBody),
+    "accounts": Doc(
+        "The merchant's balance in every currency, zeros included.", "merchant", EmptyBody
+    ),
+    "currencies": Doc(
+        "Currencies with id, type, minimum amount, fee percents and precision.",
+        "merchant",
+        CurrenciesFilter,
+    ),
+    "pairs": Doc(
+        "Exchangeable pairs (from each crypto currency), filtered by currency_from/currency_to.",
+        "merchant",
+        PairsFilter,
+        quotes=True,
+    ),
+    "rates": Doc(
+        "The current rate of each pair, filtered by currency_from/currency_to.",
+        "merchant",
+        PairsFilter,
+        quotes=True,
+    ),
     "public_invoice": Doc("The customer's view of an invoice (no secrets).", public_limit=True),
     "public_confirm": Doc(
-        "The customer confirms a currency and an e-mail.", body=ConfirmInvoice, public_limit=True
+        "The customer confirms a currency and an e-mail.",
+        body=ConfirmInvoice,
+        public_limit=True,
+        quotes=True,
     ),
     "processing_callback": Doc(
         "A deposit transaction update from the processing layer; 200 once durably queued.",
@@ -70,7 +101,11 @@ DOCS: dict[str, Doc] = {
     "openapi": Doc("This document."),
     "invoice_page": Doc("The hosted invoice page (HTML).", public_limit=True),
     "invoice_confirm": Doc("The invoice page's confirm form (HTML form post).", public_limit=True),
-    "refund_page": Doc("The refund page linked from the e-mails (HTML).", public_limit=True),
+    "refund_page": Doc(
+        "The refund page, named by the refund token that only the refund and payback "
+        "e-mails carry (HTML); 404 before a refund or payback is owed.",
+        public_limit=True,
+    ),
     "refund_submit": Doc(
         "Store the customer's refund address (HTML form post).", public_limit=True
     ),
@@ -106,7 +141,10 @@ def _operation(name: str, doc: Doc, method: str, path: str) -> dict[str, Any]:
         responses["413"] = _error("Request body over 64 KiB.")
     if doc.auth is not None:
         operation["security"] = [{"ProcessingKey": [], "ProcessingSignature": []}]
-        responses["403"] = _error("Bad or missing signature.")
+        responses["403"] = _error(
+            "Bad or missing signature; for a merchant with replay protection also a "
+            "missing or stale X-Processing-Timestamp, or a request received before."
+        )
     if doc.auth == "merchant" or doc.public_limit:
         responses["429"] = {
             **_error("Rate limited; retry after the `Retry-After` seconds."),
@@ -114,6 +152,21 @@ def _operation(name: str, doc: Doc, method: str, path: str) -> dict[str, Any]:
         }
     if "foreign_id" in path or doc.body is ForeignIdBody or "token" in path:
         responses["404"] = _error("Invoice not found.")
+    if method == "POST":
+        responses["408"] = _error("The request body did not arrive in time; the connection closes.")
+    unavailable = []
+    if doc.auth is not None or doc.public_limit:  # these reach Redis
+        unavailable.append("`unavailable`: Redis unreachable; safe to retry.")
+    if doc.quotes:
+        unavailable.append(
+            "`rates_unavailable`: the exchange rates are older than "
+            "COINVOICE_RATES_MAX_AGE_SECONDS; nothing was created or changed."
+        )
+    if unavailable:
+        responses["503"] = {
+            **_error(" ".join(unavailable) + " Retry after `Retry-After` seconds."),
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        }
     return operation
 
 
@@ -151,7 +204,9 @@ def document(app: web.Application) -> dict[str, Any]:
             "title": "coinvoice",
             "version": "2",
             "description": "AlphaPo / CoinsPaid v2 invoice API. Authenticated requests carry "
-            "X-Processing-Key and X-Processing-Signature = hex HMAC-SHA512 of the raw body.",
+            "X-Processing-Key and X-Processing-Signature = hex HMAC-SHA512 of the raw body. "
+            "Merchants with replay protection also send X-Processing-Timestamp (unix seconds) "
+            "and sign `{timestamp}.{body}` instead.",
         },
         "paths": paths,
         "components": {

@@ -1,4 +1,9 @@
-"""Request bodies at the trust boundary (pydantic), with the spec's field rules."""
+"""Request bodies at the trust boundary (pydantic), with the spec's field rules.
+
+Compatibility with clients written against the public CoinsPaid v2 reference
+(spec §6): an optional field sent as `""` or `null` means "not given", and
+unknown fields are ignored.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,17 @@ import re
 from decimal import Decimal
 from email.errors import HeaderParseError
 from email.headerregistry import Address
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    model_validator,
+)
 
 from worker.domain.models import PaymentType
 from worker.domain.money import MAX_AMOUNT, AmountError, parse_amount
@@ -54,11 +67,25 @@ def _currency(value: str) -> str:
     return value.strip().upper()
 
 
+# What the reference server (Laravel's `boolean` rule) takes for a boolean; client
+# libraries send 1/0 or "1"/"0" (the PHP ones do). "yes", "true" or 2 stay errors.
+_BOOLEANS: dict[object, bool] = {1: True, 0: False, "1": True, "0": False}
+
+
+def _boolean(value: object) -> object:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | str) and value in _BOOLEANS:
+        return _BOOLEANS[value]
+    return value  # StrictBool refuses it with its message
+
+
 Amount = Annotated[Decimal, BeforeValidator(_amount)]
 Email = Annotated[str, AfterValidator(_email)]
 Url = Annotated[str, AfterValidator(_url)]
 CurrencyCode = Annotated[str, Field(min_length=2, max_length=16), AfterValidator(_currency)]
 ForeignId = Annotated[str, Field(min_length=1, max_length=255)]
+Boolean = Annotated[StrictBool, BeforeValidator(_boolean)]
 
 
 class Body(BaseModel):
@@ -66,9 +93,25 @@ class Body(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=False, frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_means_absent(cls, data: Any) -> Any:
+        """An optional field sent as "" or null is not given (required ones stay errors)."""
+        if not isinstance(data, dict):
+            return data
+        return {
+            name: value
+            for name, value in data.items()
+            if not (
+                value in ("", None)
+                and name in cls.model_fields
+                and not cls.model_fields[name].is_required()
+            )
+        }
+
 
 class CreateInvoice(Body):
-    timer: StrictBool
+    timer: Boolean
     title: Annotated[str, Field(min_length=1, max_length=50)]
     description: Annotated[str, Field(max_length=1000)] = ""
     currency: CurrencyCode
@@ -87,6 +130,19 @@ class ForeignIdBody(Body):
 
 class EmptyBody(Body):
     pass
+
+
+class CurrenciesFilter(Body):
+    """`currencies/list`: only the currencies shown (true) or hidden (false); absent: all."""
+
+    visible: Boolean | None = None
+
+
+class PairsFilter(Body):
+    """`currencies/pairs` and `currencies/rates`: optional currency codes to filter by."""
+
+    currency_from: str | None = None
+    currency_to: str | None = None
 
 
 class ConfirmInvoice(Body):

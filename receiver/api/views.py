@@ -6,10 +6,11 @@ from decimal import Decimal
 from typing import Any
 
 from worker.domain import machine
-from worker.domain.currencies import FileRateProvider, crypto_codes, quote
+from worker.domain.currencies import RateProvider, crypto_codes, quote
 from worker.domain.machine import remaining_amount
 from worker.domain.models import Invoice, Quote
 from worker.domain.money import fmt8
+from worker.domain.prices import RatesUnavailable
 
 # The failure texts of spec §5 are written for merchants; the customer's page says the
 # same in plain words and tells them what happens next.
@@ -63,8 +64,11 @@ def created(invoice: Invoice, base_url: str, now: int) -> dict[str, Any]:
     }
 
 
-def offers(invoice: Invoice, rates: FileRateProvider) -> list[Quote]:
-    """What the customer may pay in: current rates (type 1), fixed quotes (type 2), or the one."""
+def offers(invoice: Invoice, rates: RateProvider) -> list[Quote]:
+    """What the customer may pay in: current rates (type 1), fixed quotes (type 2), or the one.
+
+    Raises `RatesUnavailable` when a type 1 invoice needs prices that are too old.
+    """
     if invoice.sender_amount is not None and invoice.sender_currency is not None:
         return [Quote(invoice.sender_currency, invoice.sender_amount, invoice.rate or Decimal(0))]
     if invoice.quotes:
@@ -73,9 +77,25 @@ def offers(invoice: Invoice, rates: FileRateProvider) -> list[Quote]:
     return [quote(rates, invoice.currency, invoice.amount, code) for code in codes]
 
 
-def public(invoice: Invoice, rates: FileRateProvider, now: int) -> dict[str, Any]:
-    """The customer's view (`GET /api/v2/public/invoices/{token}`): nothing secret."""
-    final = invoice.status.is_final
+def _offers(invoice: Invoice, rates: RateProvider) -> tuple[list[dict[str, str]], bool]:
+    """The offers as JSON, and whether prices were unavailable for them."""
+    if invoice.status.is_final:
+        return [], False
+    try:
+        return [
+            {"currency": q.currency, "amount": fmt8(q.amount)} for q in offers(invoice, rates)
+        ], False
+    except RatesUnavailable:
+        return [], True
+
+
+def public(invoice: Invoice, rates: RateProvider, now: int) -> dict[str, Any]:
+    """The customer's view (`GET /api/v2/public/invoices/{token}`): nothing secret.
+
+    `prices_unavailable` is true while a type 1 invoice cannot show what to pay
+    because the exchange rates are too old (spec §11); `offers` is then empty.
+    """
+    offered, prices_unavailable = _offers(invoice, rates)
     return {
         "title": invoice.title,
         "description": invoice.description,
@@ -95,11 +115,8 @@ def public(invoice: Invoice, rates: FileRateProvider, now: int) -> dict[str, Any
         "fixed_at": invoice.fixed_at,
         "expires_at": invoice.expires_at,
         "seconds_left": _seconds_left(invoice, now),
-        "offers": [
-            {"currency": q.currency, "amount": fmt8(q.amount)} for q in offers(invoice, rates)
-        ]
-        if not final
-        else [],
+        "offers": offered,
+        "prices_unavailable": prices_unavailable,
         "transactions": [
             {
                 "amount": fmt8(tx.amount),

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import urlsplit
 
 from receiver.commands import operator, simulate
+from receiver.commands.merchant import PRIVATE_HINT, callback_url_problem
 from worker.config import Settings, load_settings
 from worker.logs import configure_logging
 from worker.store.connection import RedisUrlMissing, connect
@@ -62,26 +63,31 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from worker.app import main
 
     if args.check:
-        return 0 if _run_async(_check(settings)) else 1
+        host = socket.gethostname() if args.this_host else None
+        return 0 if _run_async(_check(settings, host)) else 1
     main.run(settings)
     return 0
 
 
-async def _check(settings: Settings) -> int:
+async def _check(settings: Settings, host: str | None) -> int:
     from worker.app.main import check
 
-    return int(await check(settings))
+    return int(await check(settings, host))
 
 
 # --------------------------------------------------------------------------- merchants
 
 
 def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
-    if (
-        urlsplit(args.callback_url).scheme not in ("http", "https")
-        or not urlsplit(args.callback_url).netloc
-    ):
-        print("coinvoice: --callback-url must be an http(s) URL", file=sys.stderr)
+    # Without COINVOICE_REDIS_URL the merchant goes into the Redis of a running
+    # `coinvoice up`, whose worker delivers to private addresses (its demo does).
+    embedded = not (settings.redis_url or settings.redis_sentinels)
+    allow_private = settings.allow_private_callbacks or embedded
+    problem = callback_url_problem(args.callback_url, allow_private)
+    if problem is not None:
+        print(f"coinvoice: --callback-url {args.callback_url}: {problem}", file=sys.stderr)
+        if problem.startswith("refused"):
+            print(f"coinvoice: {PRIVATE_HINT}", file=sys.stderr)
         return 2
     merchant = make_merchant(
         args.name,
@@ -91,6 +97,7 @@ def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
         fee_percent=args.fee_percent,
         underpayment_tolerance_percent=args.underpayment_tolerance_percent,
         standard_webhooks=args.standard_webhooks,
+        require_timestamp=args.require_timestamp,
     )
 
     async def add() -> int:
@@ -116,6 +123,8 @@ def cmd_merchant_add(args: argparse.Namespace, settings: Settings) -> int:
         }
         if merchant.standard_webhooks_secret:
             payload["standard_webhooks_secret"] = merchant.standard_webhooks_secret
+        if merchant.require_timestamp:
+            payload["require_timestamp"] = True
         _print_json(payload)
     return status
 
@@ -158,19 +167,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run one worker process (arq)")
     worker.add_argument("--check", action="store_true", help="exit 0 if a worker is healthy")
+    worker.add_argument(
+        "--this-host",
+        action="store_true",
+        help="with --check: only a worker on this host counts (a container's or pod's own)",
+    )
     worker.set_defaults(func=cmd_worker)
 
     merchant = commands.add_parser("merchant", help="merchant accounts")
     merchant_commands = merchant.add_subparsers(dest="merchant_command", required=True)
     add = merchant_commands.add_parser("add", help="register a merchant; prints its keys as JSON")
-    add.add_argument("--name", required=True)
-    add.add_argument("--callback-url", required=True)
-    add.add_argument("--key", help="public key (generated when absent)")
-    add.add_argument("--secret", help="signing secret (generated when absent)")
-    add.add_argument("--fee-percent", type=_decimal, default=Decimal(1))
-    add.add_argument("--underpayment-tolerance-percent", type=_decimal, default=Decimal(0))
+    add.add_argument("--name", required=True, help="the merchant's name, for operators")
     add.add_argument(
-        "--standard-webhooks", action="store_true", help="also sign the Standard Webhooks way"
+        "--callback-url",
+        required=True,
+        help="http(s) URL that receives the signed invoice callbacks; a private or loopback "
+        "address is refused unless COINVOICE_ALLOW_PRIVATE_CALLBACKS is set (or the "
+        "merchant goes into a running `coinvoice up`, whose worker allows them)",
+    )
+    add.add_argument("--key", help="public key, sent as X-Processing-Key (generated when absent)")
+    add.add_argument(
+        "--secret", help="secret that signs requests and callbacks (generated when absent)"
+    )
+    add.add_argument(
+        "--fee-percent",
+        type=_decimal,
+        default=Decimal(1),
+        metavar="P",
+        help="fee charged on each confirmed invoice, percent of the credited amount (default: 1)",
+    )
+    add.add_argument(
+        "--underpayment-tolerance-percent",
+        type=_decimal,
+        default=Decimal(0),
+        metavar="T",
+        help="a payment this many percent short still confirms the invoice (default: 0)",
+    )
+    add.add_argument(
+        "--standard-webhooks",
+        action="store_true",
+        help="also sign callbacks with Standard Webhooks headers; prints the whsec_ secret",
+    )
+    add.add_argument(
+        "--require-timestamp",
+        action="store_true",
+        help="replay protection: requests must sign X-Processing-Timestamp and are accepted once",
     )
     add.set_defaults(func=cmd_merchant_add)
 
@@ -179,15 +220,40 @@ def build_parser() -> argparse.ArgumentParser:
     deposit = simulate_commands.add_parser(
         "deposit", help="send a signed processing callback for a deposit to ADDRESS"
     )
-    deposit.add_argument("--address", required=True)
-    deposit.add_argument("--amount", required=True)
+    deposit.add_argument("--address", required=True, help="the invoice's deposit address")
     deposit.add_argument(
-        "--status", choices=["not_confirmed", "confirmed", "cancelled"], default="not_confirmed"
+        "--amount", required=True, help="amount paid, in the address's currency (e.g. 0.0018)"
     )
-    deposit.add_argument("--confirmations", type=int, default=0)
-    deposit.add_argument("--tx-id", type=int, help="processing transaction id (generated)")
-    deposit.add_argument("--txid", help="chain transaction hash (generated)")
-    deposit.add_argument("--compliance", choices=["clear", "flagged"], default="clear")
+    deposit.add_argument(
+        "--status",
+        choices=["not_confirmed", "confirmed", "cancelled"],
+        default="not_confirmed",
+        help="not_confirmed: seen in the mempool (default); confirmed: final; "
+        "cancelled: dropped or replaced",
+    )
+    deposit.add_argument(
+        "--confirmations", type=int, default=0, help="block confirmations so far (default: 0)"
+    )
+    deposit.add_argument(
+        "--tx-id",
+        type=int,
+        metavar="ID",
+        help="the processing layer's transaction id (a number). Send the same --tx-id again "
+        "to update that transaction, e.g. to confirm it; a new one is a second payment "
+        "(generated when absent and printed)",
+    )
+    deposit.add_argument(
+        "--txid",
+        metavar="HASH",
+        help="the blockchain transaction hash, as an explorer shows it; not the same as "
+        "--tx-id (random when absent)",
+    )
+    deposit.add_argument(
+        "--compliance",
+        choices=["clear", "flagged"],
+        default="clear",
+        help="flagged: compliance flagged the payment (a pending or processing invoice fails)",
+    )
     deposit.add_argument("--currency", help="the address's currency (looked up when absent)")
     deposit.add_argument("--observed-at", type=int, help="unix seconds (default: now)")
     deposit.add_argument("--url", help="receiver base URL (default: COINVOICE_PUBLIC_URL)")
@@ -199,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     invoice = commands.add_parser("invoice", help="operator views of invoices")
     invoice_commands = invoice.add_subparsers(dest="invoice_command", required=True)
     show = invoice_commands.add_parser("show", help="an invoice with its delivery state (JSON)")
-    show.add_argument("foreign_id")
+    show.add_argument("foreign_id", help="the merchant's foreign_id of the invoice")
     show.add_argument("--merchant", required=True, help="the merchant key")
     show.set_defaults(func=cmd_invoice_show)
 
@@ -208,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     again = callbacks_commands.add_parser(
         "redeliver", help="deliver the newest snapshot again now (dead-lettered too)"
     )
-    again.add_argument("foreign_id")
+    again.add_argument("foreign_id", help="the merchant's foreign_id of the invoice")
     again.add_argument("--merchant", required=True, help="the merchant key")
     again.set_defaults(func=cmd_callbacks_redeliver)
     return parser

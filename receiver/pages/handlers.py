@@ -34,13 +34,15 @@ import segno
 from aiohttp import web
 from markupsafe import Markup
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from receiver import appkeys
 from receiver.accesslog import route_pattern
 from receiver.api import views
-from receiver.api.errors import ApiError
+from receiver.api.errors import ApiError, unavailable
 from receiver.api.requests import describe_errors, public_rate_limit
 from receiver.api.schemas import ConfirmInvoice, RefundAddress
+from receiver.pages import csrf
 from worker.domain.addresses import (
     NoAddressAvailable,
     canonical_address,
@@ -50,6 +52,7 @@ from worker.domain.addresses import (
 from worker.domain.currencies import FileRateProvider, UnknownCurrency
 from worker.domain.machine import DomainError, InvalidState, remaining_amount
 from worker.domain.models import Invoice
+from worker.domain.prices import RatesUnavailable
 from worker.logs import get_logger
 from worker.services.invoices import ConcurrentModification, InvoiceNotFound
 
@@ -104,6 +107,8 @@ STATUS_TEXTS: dict[str, tuple[str, str]] = {
     "confirmed": ("Payment confirmed", "Thank you! Your payment is complete."),
     "failed": ("Payment failed", ""),
 }
+# What the customer reads while the exchange rates are too old to quote (spec §11).
+PRICES_UNAVAILABLE = "Prices are unavailable for now. Please try again in a few minutes."
 _CHOOSE_DETAIL = "Pick a currency and pay before the time runs out."
 _PARTIAL_DETAIL = "Part of your payment has arrived. Send the rest to the same address."
 
@@ -144,23 +149,31 @@ def render(
     status: int = 200,
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
-    """An HTML page with the security headers every customer page carries."""
+    """An HTML page with the security headers every customer page carries.
+
+    Every page carries the anti-forgery token its forms post back (`csrf`).
+    """
+    form_token = csrf.token(request)
     html = (
         _templates()
         .get_template(template)
         .render(
             css=_static_url(request, "style.css"),
             js=_static_url(request, "invoice.js"),
+            csrf_field=csrf.FIELD,
+            csrf_token=form_token,
             **context,
         )
     )
-    return web.Response(
+    response = web.Response(
         text=html,
         status=status,
         content_type="text/html",
         charset="utf-8",
         headers={**PAGE_HEADERS, **(headers or {})},
     )
+    csrf.set_cookie(request, response, form_token)
+    return response
 
 
 def error_page(
@@ -187,6 +200,17 @@ def not_found_page(request: web.Request) -> web.Response:
         "Invoice not found",
         "We could not find this invoice. Check that the link is complete, "
         "or ask the shop for a new one.",
+    )
+
+
+def cross_site_page(request: web.Request) -> web.Response:
+    """The 403 for a form post refused as cross-site (spec §7)."""
+    return error_page(
+        request,
+        403,
+        "This form was refused",
+        "For your safety this form is accepted only from its own page, in the same "
+        "browser. Please open the link again and send the form from there.",
     )
 
 
@@ -217,6 +241,15 @@ def html_errors(handler: Handler) -> Handler:
             return error_page(request, 413, "Too much data", "That form was too large to accept.")
         except web.HTTPException:
             raise
+        except RedisError as exc:
+            log.warning("redis_unavailable", error=type(exc).__name__)
+            return error_page(
+                request,
+                503,
+                "Temporarily unavailable",
+                "Please try again in a minute. Your invoice is safe.",
+                unavailable().headers,
+            )
         except Exception:
             log.exception("page_failed", route=route_pattern(request), method=request.method)
             return error_page(
@@ -323,7 +356,7 @@ def _minutes_seconds(seconds: int | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
-def _invoice_context(
+async def _invoice_context(
     request: web.Request,
     invoice: Invoice,
     *,
@@ -333,7 +366,7 @@ def _invoice_context(
 ) -> dict[str, Any]:
     service = request.app[appkeys.SERVICE]
     rates = request.app[appkeys.RATES]
-    public = views.public(invoice, rates, service.now())
+    public = views.public(invoice, await service.prices.current(), service.now())
     status = public["status"]
     payment = _payment(invoice, rates)
     conditions = _conditions(public)
@@ -367,6 +400,9 @@ def _invoice_context(
         "choose": payment is None and live,
         "offers": offers,
         "fixed_rates": invoice.invoice_type == 2,
+        # Type 1 while the exchange rates are too old: no amounts to offer (spec §11).
+        "prices_unavailable": public["prices_unavailable"],
+        "prices_unavailable_text": PRICES_UNAVAILABLE,
         "chosen": chosen,
         "email": email,
         "email_required": invoice.email is None,
@@ -374,7 +410,6 @@ def _invoice_context(
         "error": error,
         "field_errors": field_errors or {},
         "status_url": str(request.app.router["public_invoice"].url_for(token=invoice.token)),
-        "refund_url": str(request.app.router["refund_page"].url_for(token=invoice.token)),
         "poll_ms": POLL_MS,
         # Meta refresh only where no form could lose what the customer typed.
         "noscript_refresh": NOSCRIPT_REFRESH_SECONDS
@@ -387,7 +422,7 @@ async def invoice_page(request: web.Request) -> web.Response:
     """`GET /invoice/{token}`: the page the merchant sends the customer to."""
     await public_rate_limit(request)
     stored = await request.app[appkeys.SERVICE].by_token(request.match_info["token"])
-    return render(request, "invoice.html", _invoice_context(request, stored.invoice))
+    return render(request, "invoice.html", await _invoice_context(request, stored.invoice))
 
 
 def _text_fields(posted: Mapping[str, object], *names: str) -> dict[str, str]:
@@ -418,12 +453,17 @@ async def invoice_confirm(request: web.Request) -> web.Response:
     await public_rate_limit(request)
     token = request.match_info["token"]
     service = request.app[appkeys.SERVICE]
-    form = _text_fields(await request.post(), "sender_currency", "email")
+    posted = await request.post()
+    if csrf.refused(request, posted):
+        return cross_site_page(request)
+    form = _text_fields(posted, "sender_currency", "email")
     stored = await service.by_token(token)
     invoice = stored.invoice
 
-    def again(status: int, error: str | None = None, **fields: str) -> web.Response:
-        context = _invoice_context(request, invoice, form=form, error=error, field_errors=fields)
+    async def again(status: int, error: str | None = None, **fields: str) -> web.Response:
+        context = await _invoice_context(
+            request, invoice, form=form, error=error, field_errors=fields
+        )
         return render(request, "invoice.html", context, status=status)
 
     try:
@@ -432,25 +472,27 @@ async def invoice_confirm(request: web.Request) -> web.Response:
         fields = {
             name: _CONFIRM_FIELD_TEXT.get(name, text) for name, text in describe_errors(exc).items()
         }
-        return again(400, None, **fields)
+        return await again(400, None, **fields)
     if invoice.address is None and not (body.sender_currency or invoice.sender_currency):
-        return again(400, None, sender_currency=_CONFIRM_FIELD_TEXT["sender_currency"])
+        return await again(400, None, sender_currency=_CONFIRM_FIELD_TEXT["sender_currency"])
     if body.email is None and invoice.email is None:
-        return again(400, None, email=_CONFIRM_FIELD_TEXT["email"])
+        return await again(400, None, email=_CONFIRM_FIELD_TEXT["email"])
     try:
         await service.confirm(token, body.sender_currency, body.email)
     except InvalidState:
         invoice = (await service.by_token(token)).invoice
-        return again(409, "This invoice can no longer be paid. See its status below.")
+        return await again(409, "This invoice can no longer be paid. See its status below.")
     except DomainError as exc:
-        return again(409, exc.message)
+        return await again(409, exc.message)
     except NoAddressAvailable:
         log.error("no_deposit_address", currency=body.sender_currency)
-        return again(
+        return await again(
             503, "We cannot hand out a payment address right now. Please try again in a minute."
         )
+    except RatesUnavailable:
+        return await again(503, PRICES_UNAVAILABLE)
     except ConcurrentModification:
-        return again(503, "The invoice was busy. Please try again.")
+        return await again(503, "The invoice was busy. Please try again.")
     return _see_other(request.path)
 
 
@@ -486,24 +528,32 @@ def _refund_context(
 
 
 async def refund_page(request: web.Request) -> web.Response:
-    """`GET /refund/{token}`: where the refund e-mails send the customer."""
+    """`GET /refund/{refund_token}`: where the refund and payback e-mails send the customer.
+
+    Named by the refund token, which exists only once a refund or payback is
+    owed and travels only in those e-mails: the invoice link opens no refund
+    page (404), so whoever holds it cannot choose where the money goes.
+    """
     await public_rate_limit(request)
-    stored = await request.app[appkeys.SERVICE].by_token(request.match_info["token"])
+    stored = await request.app[appkeys.SERVICE].by_refund_token(request.match_info["refund_token"])
     return render(request, "refund.html", _refund_context(request, stored.invoice))
 
 
 async def refund_submit(request: web.Request) -> web.Response:
-    """`POST /refund/{token}`: store the customer's refund address, once.
+    """`POST /refund/{refund_token}`: store the customer's refund address, once.
 
     The address is checked for the network of the currency the invoice was
     paid in and stored in its canonical spelling; the same address again is a
     harmless repeat, a different one is refused politely.
     """
     await public_rate_limit(request)
-    token = request.match_info["token"]
+    token = request.match_info["refund_token"]
     service = request.app[appkeys.SERVICE]
-    typed = _text_fields(await request.post(), "address")["address"]
-    invoice = (await service.by_token(token)).invoice
+    posted = await request.post()
+    if csrf.refused(request, posted):
+        return cross_site_page(request)
+    typed = _text_fields(posted, "address")["address"]
+    invoice = (await service.by_refund_token(token)).invoice
     currency = invoice.sender_currency
 
     def again(status: int, error: str) -> web.Response:
@@ -536,7 +586,7 @@ async def refund_submit(request: web.Request) -> web.Response:
         await service.set_refund_address(token, address)
     except DomainError:
         # Another submission got there first (a second tab, a double click).
-        invoice = (await service.by_token(token)).invoice
+        invoice = (await service.by_refund_token(token)).invoice
         return again(409, _ALREADY_STORED)
     except ConcurrentModification:
         return again(503, "The invoice was busy. Please try again.")
@@ -576,8 +626,8 @@ def setup_page_routes(app: web.Application) -> None:
         [
             web.get("/invoice/{token}", html_errors(invoice_page), name="invoice_page"),
             web.post("/invoice/{token}", html_errors(invoice_confirm), name="invoice_confirm"),
-            web.get("/refund/{token}", html_errors(refund_page), name="refund_page"),
-            web.post("/refund/{token}", html_errors(refund_submit), name="refund_submit"),
+            web.get("/refund/{refund_token}", html_errors(refund_page), name="refund_page"),
+            web.post("/refund/{refund_token}", html_errors(refund_submit), name="refund_submit"),
             # Static files need no rate limit: no Redis behind them, and cached for a year.
             web.static(STATIC_PREFIX, STATIC_DIR, name="static", append_version=True),
         ]

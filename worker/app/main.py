@@ -30,7 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
-from worker.app.runtime import invoice_service
+from worker.app.runtime import invoice_service, warn_if_demo_keys
 from worker.config import Settings
 from worker.domain.effects import LedgerEntry
 from worker.ingest.consumer import Ingest
@@ -38,6 +38,7 @@ from worker.logs import configure_logging, get_logger
 from worker.mail.loop import run_mail_loop
 from worker.outbox.delivery import Deliverer
 from worker.outbox.ledger import LedgerPoster
+from worker.rates.refresher import Refresher
 from worker.services.invoices import InvoiceService
 from worker.store import keys
 from worker.store.connection import REDIS_RETRIES, REDIS_UNAVAILABLE, connect, redis_url
@@ -70,6 +71,7 @@ class Context(TypedDict, total=False):
     service: InvoiceService
     ingest: Ingest
     deliverer: Deliverer
+    refresher: Refresher
     name: str
     tasks: list[asyncio.Task[None]]
     ledger: LedgerPoster
@@ -123,6 +125,11 @@ async def _ledger(ctx: Context) -> None:
     await ctx["ledger"].run()
 
 
+async def _rates(ctx: Context) -> None:
+    """Keep the live rate table fresh while this worker leads (worker/rates/refresher.py)."""
+    await ctx["refresher"].run()
+
+
 async def _log_stats(ctx: Context) -> None:
     """Periodic counters, so an operator sees throughput and suppressed duplicates."""
     last: dict[str, int] = {}
@@ -150,6 +157,7 @@ async def startup(ctx: Context) -> None:
     redis = connect(settings)
     ctx["store_redis"] = redis
     ctx["service"] = invoice_service(redis, settings)
+    warn_if_demo_keys(settings)
     ctx["name"] = worker_name()
     ctx["ingest"] = Ingest(
         redis,
@@ -172,11 +180,16 @@ async def startup(ctx: Context) -> None:
             poster.wake() if any(isinstance(e, LedgerEntry) for e in transition.effects) else None
         )
     )
+    loops = list(LOOPS)
+    if settings.live_rates:
+        # Every worker runs it; the lease in Redis lets one of them read the markets.
+        ctx["refresher"] = Refresher(redis, settings, ctx["service"].rates, ctx["name"])
+        loops.append(("rates", _rates))
     ctx["stop_mail"] = asyncio.Event()
     ctx["tasks"] = []
-    for name, loop in LOOPS:
+    for name, loop in loops:
         ctx["tasks"].append(asyncio.create_task(loop(ctx), name=name))
-    log.info("worker_started", worker=ctx["name"], loops=[name for name, _ in LOOPS])
+    log.info("worker_started", worker=ctx["name"], loops=[name for name, _ in loops])
 
 
 # Loops that finish what they hold when asked to stop; the others are cancelled at once.
@@ -304,12 +317,18 @@ def run(settings: Settings) -> None:
     build_worker(settings).run()
 
 
-async def check(settings: Settings) -> bool:
-    """Is at least one worker alive with all its loops? (`coinvoice worker --check`)"""
+async def check(settings: Settings, host: str | None = None) -> bool:
+    """Is at least one worker alive with all its loops? (`coinvoice worker --check`)
+
+    With `host`, only workers running there count (`--this-host`): a container or pod has
+    a host name of its own, so its probe then asks about its own worker, not the fleet.
+    """
     redis = connect(settings)
     try:
         since = time.time() - HEARTBEAT_STALE_SECONDS
         alive = await redis.zrangebyscore(keys.WORKERS, since, "+inf")
+        if host is not None:
+            alive = [name for name in alive if name.decode().rpartition(":")[0] == host]
         return bool(alive)
     except REDIS_UNAVAILABLE:
         return False

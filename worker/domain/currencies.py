@@ -1,7 +1,10 @@
 """Currencies and exchange rates.
 
 `RateProvider` is the seam a live feed plugs into; `FileRateProvider` reads
-the rates file (prices in one base unit, every pair derived from them).
+the rates file (prices in one base unit, every pair derived from them). The
+rates file always names the currencies; where prices come from is a
+`PriceFeed`: the file's own (`FixedPrices`), or live market prices kept in
+Redis (worker/store/rates.py, over `worker.domain.prices.LiveRates`).
 `quote()` turns an invoice amount into what the customer pays, rounded up at
 8 decimals so the merchant is never short because of rounding (spec §1).
 """
@@ -9,6 +12,7 @@ the rates file (prices in one base unit, every pair derived from them).
 from __future__ import annotations
 
 import tomllib
+import zlib
 from dataclasses import dataclass
 from decimal import Context, Decimal
 from enum import StrEnum
@@ -36,6 +40,37 @@ class Currency:
     precision: int
     # BIP21-style URI scheme for QR codes ("bitcoin:addr?amount=…"), where one exists.
     uri_scheme: str | None = None
+    # The symbol markets price it under (USDTT, USDT on Tron, trades as USDT); "" = `code`.
+    market_symbol: str = ""
+    # `id` of `currencies/list`: stable across restarts and receivers (0: derived from the code).
+    id: int = 0
+    # Smallest invoice amount in this currency (None: one unit of its last decimal).
+    minimum_amount: Decimal | None = None
+    # Hidden currencies keep their rates and balances but are not offered for new invoices.
+    visible: bool = True
+
+    @property
+    def market(self) -> str:
+        """The symbol market sources quote this currency under."""
+        return self.market_symbol or self.code
+
+    @property
+    def stable_id(self) -> int:
+        """The configured id, else one derived from the code (the same in every process)."""
+        return self.id or zlib.crc32(self.code.encode())
+
+    @property
+    def minimum(self) -> Decimal:
+        """The smallest amount an invoice in this currency may ask for."""
+        if self.minimum_amount is not None:
+            return self.minimum_amount
+        return Decimal(1).scaleb(-self.precision)
+
+
+def _flag(code: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"visible of {code} must be true or false")
+    return value
 
 
 class UnknownCurrency(LookupError):
@@ -49,6 +84,14 @@ class RateProvider(Protocol):
 
     def rate(self, source: str, target: str) -> Decimal:
         """Units of `target` one unit of `source` buys."""
+        ...
+
+
+class PriceFeed(Protocol):
+    """Where the current prices come from, read once per request or operation."""
+
+    async def current(self) -> RateProvider:
+        """Rates to quote with now; their `rate()` raises if a price is unusable."""
         ...
 
 
@@ -72,7 +115,19 @@ class FileRateProvider:
         for code, entry in table.items():
             kind = CurrencyType(entry["type"])
             precision = int(entry.get("precision", 8 if kind is CurrencyType.CRYPTO else 2))
-            currencies.append(Currency(code, kind, precision, entry.get("uri_scheme")))
+            minimum = entry.get("minimum_amount")
+            currencies.append(
+                Currency(
+                    code,
+                    kind,
+                    precision,
+                    entry.get("uri_scheme"),
+                    market_symbol=entry.get("market", ""),
+                    id=int(entry.get("id", 0)),
+                    minimum_amount=None if minimum is None else Decimal(str(minimum)),
+                    visible=_flag(code, entry.get("visible", True)),
+                )
+            )
             price = Decimal(str(entry["price"]))
             if price <= ZERO:
                 raise ValueError(f"price of {code} must be positive")
@@ -95,9 +150,19 @@ class FileRateProvider:
             raise UnknownCurrency(str(missing)) from None
 
 
+class FixedPrices:
+    """The rates file's prices: always available, never stale (the offline default)."""
+
+    def __init__(self, rates: FileRateProvider) -> None:
+        self._rates = rates
+
+    async def current(self) -> RateProvider:
+        return self._rates
+
+
 def crypto_codes(rates: RateProvider) -> tuple[str, ...]:
-    """The currencies a customer can pay in."""
-    return tuple(c.code for c in rates.currencies() if c.type is CurrencyType.CRYPTO)
+    """The currencies a customer can pay in (hidden ones are not offered)."""
+    return tuple(c.code for c in rates.currencies() if c.type is CurrencyType.CRYPTO and c.visible)
 
 
 def quote(rates: RateProvider, currency: str, amount: Decimal, sender_currency: str) -> Quote:

@@ -327,9 +327,13 @@ def _confirm(invoice: Invoice, event: CustomerConfirm, policy: Policy) -> Step:
             return replace(invoice, email=event.email), ()
         raise InvalidState("Invoice cannot be confirmed in its current state.")
     if invoice.address is not None:
-        # Already confirmed (or type 3): only the e-mail may still be recorded.
+        # Already confirmed (or type 3): only a first e-mail may still be recorded.
         if event.sender_currency not in (None, invoice.sender_currency):
             raise InvalidChoice("The payment currency has already been chosen.")
+        if invoice.email is not None and event.email not in (None, invoice.email):
+            # Fixed from confirmation on (spec §7): whoever holds the invoice link
+            # must not redirect the refund and payback e-mails to themselves.
+            raise InvalidChoice("The e-mail address has already been given.")
         return replace(invoice, email=email), ()
     currency = event.sender_currency or invoice.sender_currency
     if currency is None:
@@ -366,6 +370,17 @@ def _assign(invoice: Invoice, quote: Quote, address: DepositAddress, email: str 
         rate=quote.rate,
         address=address,
         email=email,
+    )
+
+
+def owes_refund_token(transition: Transition) -> bool:
+    """Does this change send the invoice's first refund or payback e-mail (spec §7)?
+
+    The shell then gives the invoice its refund token (random, so not made
+    here) before committing, in the same atomic step as the e-mail record.
+    """
+    return transition.invoice.refund_token is None and any(
+        isinstance(effect, Email) for effect in transition.effects
     )
 
 

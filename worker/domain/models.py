@@ -149,6 +149,10 @@ class Invoice:
     credited: Decimal | None = None  # exchanged into `currency` on confirmation
     fee: Decimal | None = None
     refund_address: str | None = None
+    # Names the refund page (spec §7): issued with the first refund or payback
+    # e-mail, never shown on the invoice page, so the invoice link alone cannot
+    # choose where a refund goes.
+    refund_token: str | None = None
     # Causes of customer e-mails already emitted (each at most once).
     mailed: tuple[str, ...] = ()
     # Strictly increasing per merchant-visible change (spec §9).
@@ -172,6 +176,8 @@ class Merchant:
     fee_percent: Decimal = Decimal(1)
     underpayment_tolerance_percent: Decimal = Decimal(0)
     standard_webhooks_secret: str | None = None
+    # Opt-in replay protection: requests carry X-Processing-Timestamp inside the MAC.
+    require_timestamp: bool = False
 
     @property
     def terms(self) -> Terms:

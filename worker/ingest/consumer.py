@@ -39,11 +39,16 @@ from worker.domain.effects import Effect
 from worker.domain.events import TransactionUpdate
 from worker.domain.machine import Transition
 from worker.logs import get_logger
-from worker.services.invoices import MAX_CAS_ATTEMPTS, InvoiceService, log_change
+from worker.services.invoices import (
+    MAX_CAS_ATTEMPTS,
+    InvoiceService,
+    log_change,
+    with_refund_token,
+)
 from worker.store import keys
 from worker.store.codec import dump_update, load_update
 from worker.store.connection import REDIS_UNAVAILABLE, acknowledged, awaited
-from worker.store.invoices import Stored
+from worker.store.invoices import Stored, issued_refund_token
 from worker.store.streams import ensure_group as ensure_partition_group
 from worker.store.streams import ensure_groups
 
@@ -322,6 +327,16 @@ class Ingest:
             if not commits:
                 return missing
             now = self.service.now()
+            # Refund tokens issued here are indexed (their own slots) before the
+            # commits that store them, in a round trip of their own: rare, and a
+            # cluster pipeline would not keep the order between slots.
+            await store.claim_refund_tokens(
+                [
+                    (stored.invoice.id, token)
+                    for stored, transition, _ in commits
+                    if (token := issued_refund_token(stored, transition)) is not None
+                ]
+            )
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stored, transition, _ in commits:
                     await store.queue_commit(pipe, stored, transition, now)
@@ -415,4 +430,4 @@ def _apply_all(
             changed += 1
         invoice = transition.invoice
         effects.extend(transition.effects)
-    return Transition(invoice, tuple(effects)), changed
+    return with_refund_token(Transition(invoice, tuple(effects))), changed

@@ -67,6 +67,17 @@ def _templates() -> jinja2.Environment:
     )
 
 
+def refund_url(invoice: Invoice, base_url: str) -> str | None:
+    """The refund page of the invoice (spec §7), named by its refund token, never its token.
+
+    None only for an invoice whose mails were recorded before refund tokens
+    existed: such a mail asks the customer to contact the shop instead.
+    """
+    if invoice.refund_token is None:
+        return None
+    return f"{base_url.rstrip('/')}/refund/{invoice.refund_token}"
+
+
 def render(invoice: Invoice, record: MailRecord, base_url: str) -> Rendered:
     """Subject, plain text and HTML of one mail (spec §10)."""
     subject = one_line(SUBJECT_PREFIX[record.kind] + invoice.title)
@@ -82,7 +93,7 @@ def render(invoice: Invoice, record: MailRecord, base_url: str) -> Rendered:
         "received": record.received,
         "excess": fmt8(excess) if excess > 0 else None,
         "late_amount": fmt8(late.amount) if late is not None else None,
-        "refund_url": f"{base_url.rstrip('/')}/refund/{invoice.token}",
+        "refund_url": refund_url(invoice, base_url),
     }
     env = _templates()
     return Rendered(

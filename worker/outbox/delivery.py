@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import socket
 import time
@@ -29,17 +28,23 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from redis.asyncio import Redis
 
 from worker.config import Settings
 from worker.domain.models import Invoice, Merchant
 from worker.domain.snapshot import snapshot
 from worker.logs import get_logger
+from worker.outbox.destinations import (
+    DestinationRefused,
+    Resolver,
+    pinned,
+    resolve_destination,
+    system_resolve,
+)
+from worker.outbox.destinations import check_destination as check_destination  # re-exported
 from worker.outbox.webhooks import headers
 from worker.services.invoices import bound
 from worker.store import keys
@@ -76,51 +81,16 @@ MERCHANT_CACHE_SECONDS = 30.0
 REDIS_BACKOFF_SECONDS = 0.5
 
 
-class DestinationRefused(OSError):
-    """A callback URL we never post to: not http(s), or a private/loopback/link-local address."""
-
-
-def is_public(ip: str) -> bool:
-    """Is `ip` an address on the public internet (not private, loopback, link-local, …)?"""
-    address = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_global and not address.is_multicast
-
-
-def check_destination(url: str, allow_private: bool) -> None:
-    """Refuse URLs that are not http(s), and literal private addresses unless allowed."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise DestinationRefused(f"not an http(s) URL: {parts.scheme or '?'}://")
-    try:
-        literal = ipaddress.ip_address(parts.hostname)
-    except ValueError:
-        return  # a name: the resolver checks what it resolves to
-    if not allow_private and not is_public(str(literal)):
-        raise DestinationRefused(f"refused: {parts.hostname} is not a public address")
-
-
-class SafeResolver(AbstractResolver):
-    """Resolves names, then drops every non-public address (no DNS-rebinding way around it)."""
-
-    def __init__(self, allow_private: bool) -> None:
-        self._inner = DefaultResolver()
-        self._allow_private = allow_private
+class _NoResolver(AbstractResolver):
+    """The HTTP client never resolves a name: every request goes to an address we checked."""
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        if self._allow_private:
-            return results
-        public = [r for r in results if is_public(r["host"])]
-        if not public:
-            raise DestinationRefused(f"refused: {host} resolves only to non-public addresses")
-        return public
+        raise DestinationRefused(f"refused: {host} was not checked before the request")
 
     async def close(self) -> None:
-        await self._inner.close()
+        return None
 
 
 @dataclass
@@ -131,6 +101,8 @@ class Deliverer:
     store: InvoiceStore
     settings: Settings
     clock: Callable[[], float] = time.time
+    # How callback hosts are resolved (tests substitute their own DNS answers).
+    resolve: Resolver = system_resolve
     _session: aiohttp.ClientSession | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _busy: Counter[str] = field(default_factory=Counter)
@@ -149,9 +121,7 @@ class Deliverer:
         self._wakeup.set()
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            resolver=SafeResolver(self.settings.allow_private_callbacks), limit=MAX_IN_FLIGHT
-        )
+        connector = aiohttp.TCPConnector(resolver=_NoResolver(), limit=MAX_IN_FLIGHT)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self.settings.callback_timeout_seconds),
@@ -327,11 +297,16 @@ class Deliverer:
             return int((time.perf_counter() - started) * 1000)
 
         try:
-            check_destination(merchant.callback_url, self.settings.allow_private_callbacks)
+            # Resolved and checked once per attempt, then connected to that very address.
+            destination = await resolve_destination(
+                merchant.callback_url, self.settings.allow_private_callbacks, self.resolve
+            )
+            url, host, server_hostname = pinned(destination)
             async with self._session.post(
-                merchant.callback_url,
+                url,
                 data=body,
-                headers=headers(merchant, body, invoice.id, invoice.sequence, now),
+                headers={**headers(merchant, body, invoice.id, invoice.sequence, now), **host},
+                server_hostname=server_hostname,
                 allow_redirects=False,
             ) as response:
                 # Read a bounded amount so the connection can be reused; the content is ignored.
@@ -340,11 +315,8 @@ class Deliverer:
                 error = "" if ok else f"HTTP {response.status}"
                 return Outcome(response.status, error, took(), delivered=ok)
         except DestinationRefused as exc:
+            # No retry can help: dead-lettered at once (redeliverable once the URL is fixed).
             return Outcome(None, str(exc), took(), delivered=False, permanent=True)
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, DestinationRefused):  # raised by SafeResolver
-                return Outcome(None, str(exc.os_error), took(), delivered=False, permanent=True)
-            return Outcome(None, _short(exc), took(), delivered=False)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return Outcome(None, _short(exc), took(), delivered=False)
 

@@ -13,12 +13,19 @@ import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from worker.domain import machine
 from worker.domain.addresses import AddressProvider
-from worker.domain.currencies import FileRateProvider, crypto_codes, quote
+from worker.domain.currencies import (
+    FileRateProvider,
+    FixedPrices,
+    PriceFeed,
+    RateProvider,
+    crypto_codes,
+    quote,
+)
 from worker.domain.events import (
     CustomerConfirm,
     Event,
@@ -70,6 +77,24 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
+def new_refund_token() -> str:
+    """The refund page's token: 192 random bits, URL-safe, unrelated to the invoice token."""
+    return secrets.token_urlsafe(24)
+
+
+def with_refund_token(transition: Transition) -> Transition:
+    """The transition, with a fresh refund token where it sends the first refund/payback mail.
+
+    Drawn per attempt: only the attempt whose compare-and-set wins is stored
+    (commit.lua writes the token's index with the invoice and the e-mail), so
+    retries never leave two tokens, and later mails reuse the stored one.
+    """
+    if not machine.owes_refund_token(transition):
+        return transition
+    invoice = replace(transition.invoice, refund_token=new_refund_token())
+    return Transition(invoice, transition.effects)
+
+
 def bound(invoice: Invoice) -> dict[str, object]:
     """The log fields that identify an invoice (spec §11)."""
     return {
@@ -101,9 +126,13 @@ class InvoiceService:
         addresses: AddressProvider,
         policy: Policy,
         clock: Callable[[], float] = time.time,
+        prices: PriceFeed | None = None,
     ) -> None:
         self.store = store
+        # The currencies on offer (the rates file); prices come from `prices`.
         self.rates = rates
+        # Live market prices, or the file's own; their `rate()` refuses stale prices.
+        self.prices: PriceFeed = prices or FixedPrices(rates)
         self.addresses = addresses
         self.policy = policy
         self.clock = clock
@@ -120,21 +149,22 @@ class InvoiceService:
 
         The cheap lookup first spares an address for the common duplicate; the
         create script's SET NX is what makes racing duplicates impossible.
+        Every quote the customer would be offered is computed before anything
+        is written, so stale prices (`RatesUnavailable`) leave nothing behind:
+        no id, no address, no foreign id claimed.
         """
         existing = await self.store.id_by_foreign_id(merchant.key, request.foreign_id)
         if existing is not None:
             raise await self.store.taken(existing)
         now = self.now()
         kind = machine.invoice_type(request.timer, request.sender_currency)
+        offered = self._offered(await self.prices.current(), request)
         quotes: tuple[Quote, ...] = ()
         address: DepositAddress | None = None
         if kind == 2:
-            quotes = tuple(
-                quote(self.rates, request.currency, request.amount, code)
-                for code in crypto_codes(self.rates)
-            )
+            quotes = offered
         elif kind == 3 and request.sender_currency is not None:
-            quotes = (quote(self.rates, request.currency, request.amount, request.sender_currency),)
+            quotes = offered
             address = await self.addresses.allocate(request.sender_currency)
         invoice = machine.create(
             NewInvoice(
@@ -168,6 +198,16 @@ class InvoiceService:
         )
         return invoice
 
+    def _offered(self, rates: RateProvider, request: InvoiceRequest) -> tuple[Quote, ...]:
+        """What the customer would pay in each currency on offer, at the current prices.
+
+        Types 2 and 3 fix these quotes; type 1 fixes its rate only at the
+        customer's confirmation, but is refused all the same while prices are
+        unavailable, as its page could not show what to pay.
+        """
+        codes = (request.sender_currency,) if request.sender_currency else crypto_codes(rates)
+        return tuple(quote(rates, request.currency, request.amount, code) for code in codes)
+
     # ------------------------------------------------------------------ apply
 
     async def apply(self, invoice_id: int, event: Event) -> Transition:
@@ -191,7 +231,7 @@ class InvoiceService:
             if stored is None:
                 raise InvoiceNotFound(invoice_id)
             event = await event_for(stored.invoice)
-            transition = machine.apply(stored.invoice, event, self.policy)
+            transition = with_refund_token(machine.apply(stored.invoice, event, self.policy))
             if await self._commit(stored, transition, cause):
                 return transition
             await asyncio.sleep(min(0.001 * attempt, 0.05))
@@ -219,6 +259,20 @@ class InvoiceService:
             raise InvoiceNotFound(token)
         return stored
 
+    async def by_refund_token(self, refund_token: str) -> Stored:
+        """The invoice whose refund page this is; unknown until a refund or payback is owed.
+
+        The index key is written before the commit that stores the token on the
+        invoice (another slot): a key left by a commit that was then lost (a
+        crash, or a lost compare-and-set whose retry drew another token) names
+        an invoice that does not hold the token, and opens nothing.
+        """
+        invoice_id = await self.store.id_by_refund_token(refund_token)
+        stored = None if invoice_id is None else await self.store.get(invoice_id)
+        if stored is None or stored.invoice.refund_token != refund_token:
+            raise InvoiceNotFound(refund_token)
+        return stored
+
     async def by_foreign_id(self, merchant: str, foreign_id: str) -> Stored:
         """The merchant's own invoice; another merchant's is "not found"."""
         invoice_id = await self.store.id_by_foreign_id(merchant, foreign_id)
@@ -239,7 +293,8 @@ class InvoiceService:
             event_quote = None
             if invoice.address is None and currency is not None and not invoice.status.is_final:
                 if invoice.invoice_type == 1:
-                    event_quote = self._quote(invoice, currency)
+                    # Before the address: stale prices (RatesUnavailable) allocate nothing.
+                    event_quote = self._quote(await self.prices.current(), invoice, currency)
                 elif currency not in {q.currency for q in invoice.quotes}:
                     raise machine.InvalidChoice(
                         f"Currency {currency} is not offered for this invoice."
@@ -258,17 +313,18 @@ class InvoiceService:
             await release_waiting(self.store.redis, stored.invoice.id)
         return transition.invoice
 
-    def _quote(self, invoice: Invoice, currency: str) -> Quote:
-        if currency not in crypto_codes(self.rates):
+    def _quote(self, rates: RateProvider, invoice: Invoice, currency: str) -> Quote:
+        if currency not in crypto_codes(rates):
             raise machine.InvalidChoice(f"Currency {currency} is not offered for this invoice.")
-        return quote(self.rates, invoice.currency, invoice.amount, currency)
+        return quote(rates, invoice.currency, invoice.amount, currency)
 
     async def cancel(self, merchant: str, foreign_id: str) -> Invoice:
         stored = await self.by_foreign_id(merchant, foreign_id)
         return (await self.apply(stored.invoice.id, MerchantCancel(self.now()))).invoice
 
-    async def set_refund_address(self, token: str, address: str) -> Invoice:
-        stored = await self.by_token(token)
+    async def set_refund_address(self, refund_token: str, address: str) -> Invoice:
+        """Store the customer's refund address, given on the refund page (by its own token)."""
+        stored = await self.by_refund_token(refund_token)
         event = RefundAddressSet(self.now(), address)
         return (await self.apply(stored.invoice.id, event)).invoice
 

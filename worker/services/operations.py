@@ -7,12 +7,15 @@ these functions, so the Redis layout can change without touching them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from redis.asyncio import Redis
 
 from worker.domain import machine
 from worker.domain.events import TransactionUpdate
+from worker.domain.models import Invoice
+from worker.domain.money import ZERO, fmt8
 from worker.domain.snapshot import snapshot
 from worker.store import keys
 from worker.store.codec import load_update
@@ -20,6 +23,7 @@ from worker.store.connection import awaited
 from worker.store.deliveries import delivery_log
 from worker.store.invoices import Stored
 from worker.store.ledger import pending_entries
+from worker.store.rates import SourceHealth, read_prices, source_health
 from worker.store.schedules import count_due
 from worker.store.streams import stream_backlog
 
@@ -66,6 +70,25 @@ async def orphans(redis: Redis) -> list[dict[str, Any]]:
     return out
 
 
+def settlement(invoice: Invoice) -> dict[str, str] | None:
+    """What a confirmed invoice put on the merchant's balance: gross, fee, net; None before.
+
+    `gross` is the payment exchanged into the invoice currency (the invoice amount when
+    fully paid); the fee is charged on it, and `net` is what the balance grew by.
+    """
+    if invoice.credited is None:
+        return None
+    fee = invoice.fee or ZERO
+    return {
+        "currency": invoice.currency,
+        "gross": fmt8(invoice.credited),
+        "fee": fmt8(fee),
+        "net": fmt8(invoice.credited - fee),
+        "meaning": "gross: the payment exchanged into the invoice currency, before the fee; "
+        "net = gross - fee: what reached the merchant's balance",
+    }
+
+
 async def invoice_details(redis: Redis, stored: Stored) -> dict[str, Any]:
     """The merchant's view of one invoice plus what only operators see."""
     invoice = stored.invoice
@@ -78,7 +101,15 @@ async def invoice_details(redis: Redis, stored: Stored) -> dict[str, Any]:
         "payment_type": invoice.payment_type.value,
         "email": invoice.email,
         "timer_fires_at": None if timer is None else int(timer),
-        "credited": None if invoice.credited is None else str(invoice.credited),
+        "credited": settlement(invoice),
         "mails": {k.decode(): json.loads(v) for k, v in mails.items()},
         "callbacks": await delivery_log(redis, invoice),
     }
+
+
+async def rates_health(
+    redis: Redis, sources: Iterable[str]
+) -> tuple[list[SourceHealth], dict[str, int]]:
+    """Each live rate source's last good answer and error count, and each price's as-of time."""
+    prices = await read_prices(redis)
+    return await source_health(redis, sources), {s: p.as_of for s, p in sorted(prices.items())}

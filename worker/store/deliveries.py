@@ -103,10 +103,12 @@ async def delivery_log(redis: Redis, invoice: Invoice) -> list[dict[str, Any]]:
             delivered.add(sequence)
     log_rows = []
     for sequence in range(1, newest + 1):
-        if sequence in delivered:
-            status = "delivered"
-        elif sequence == dead:
+        # `dead` first: a redelivery that failed for good after an earlier 2xx (say the
+        # guard now refuses the URL) must not keep showing the sequence as delivered.
+        if sequence == dead:
             status = "dead"
+        elif sequence in delivered:
+            status = "delivered"
         elif sequence < newest:
             status = "superseded"
         else:

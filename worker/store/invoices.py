@@ -33,6 +33,10 @@ class AddressOwned(RuntimeError):
     """A deposit address is owned by another invoice (allocation handed it out twice: a bug)."""
 
 
+class RefundTokenUsed(RuntimeError):
+    """A refund token is indexed to another invoice (192 random bits never collide: a bug)."""
+
+
 class DuplicateForeignId(Exception):
     """The merchant already has an invoice with this foreign id."""
 
@@ -124,6 +128,29 @@ class InvoiceStore:
         if int(owner) != invoice_id:
             raise AddressOwned(f"{currency} {address} is owned by invoice {int(owner)}")
 
+    async def claim_refund_token(self, invoice_id: int, refund_token: str) -> None:
+        """Index a refund token to `invoice_id`, before the commit that stores it on the invoice.
+
+        The index key has its own slot (the token spreads it), so it cannot be in
+        commit.lua: written first, a crash leaves at worst a key whose invoice
+        does not hold the token, which `by_refund_token` treats as unknown.
+        Not WAITed for here: the commit that stores the token is, and comes after.
+        """
+        await self.claim_refund_tokens([(invoice_id, refund_token)])
+
+    async def claim_refund_tokens(self, claims: Sequence[tuple[int, str]]) -> None:
+        """Index many refund tokens in one round trip (see `claim_refund_token`)."""
+        if not claims:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for invoice_id, refund_token in claims:
+                pipe.set(keys.refund_token(refund_token), invoice_id, nx=True)
+                pipe.get(keys.refund_token(refund_token))
+            rows = await pipe.execute()
+        for (invoice_id, _), owner in zip(claims, rows[1::2], strict=True):
+            if int(owner) != invoice_id:
+                raise RefundTokenUsed(f"invoice {invoice_id}: token indexed to {int(owner)}")
+
     async def queue_create(self, pipe: Pipeline, invoice: Invoice) -> None:
         """Add a create and its lookups to a pipeline (bulk loads); results end `[1, id]`."""
         pipe.set(keys.token(invoice.token), invoice.id, nx=True)
@@ -168,6 +195,9 @@ class InvoiceStore:
     async def id_by_token(self, token: str) -> int | None:
         return _int(await self.redis.get(keys.token(token)))
 
+    async def id_by_refund_token(self, refund_token: str) -> int | None:
+        return _int(await self.redis.get(keys.refund_token(refund_token)))
+
     async def ids_by_address(self, pairs: Sequence[tuple[str, str]]) -> list[int | None]:
         """Owners of (currency, address) pairs, in one round trip."""
         if not pairs:
@@ -183,6 +213,9 @@ class InvoiceStore:
         new = transition.invoice.address
         if new is not None and new != stored.invoice.address:
             await self.claim_address(transition.invoice.id, new.currency, new.address)
+        issued = issued_refund_token(stored, transition)
+        if issued is not None:
+            await self.claim_refund_token(transition.invoice.id, issued)
         keys_, args = self.commit_call(stored, transition, now)
         async with self.redis.pipeline(transaction=False) as pipe:
             await self.scripts.commit(keys=keys_, args=args, client=pipe)
@@ -195,6 +228,9 @@ class InvoiceStore:
         """Add a commit to a pipeline (batch apply); its result is the new version or 0.
 
         Only for transitions that assign no deposit address (payments): see `commit`.
+        A refund token the transition issues must be indexed first, in an earlier
+        round trip (`claim_refund_tokens`): a cluster pipeline runs its nodes'
+        commands concurrently, so the same pipeline would not keep that order.
         """
         keys_, args = self.commit_call(stored, transition, now)
         await self.scripts.commit(keys=keys_, args=args, client=pipe)
@@ -258,6 +294,12 @@ class InvoiceStore:
         """The Lua decimal addition, exposed for its tests."""
         result = await self.scripts.dec_add(keys=[], args=[a, b])
         return result.decode() if isinstance(result, bytes) else str(result)
+
+
+def issued_refund_token(stored: Stored, transition: Transition) -> str | None:
+    """The refund token this transition gives the invoice (with its first refund e-mail)."""
+    token = transition.invoice.refund_token
+    return token if token is not None and token != stored.invoice.refund_token else None
 
 
 # A merchant's ledger holds one line of text per entry, kept for good (an audit trail),

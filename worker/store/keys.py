@@ -13,7 +13,11 @@ cluster:
   delivery state and log, its e-mails, and the partition's timers,
   callback-due and mail-due schedules and ledger outbox;
 * **a merchant** (``{merchant key}``): its record, balances and ledger;
-* **address allocation** (``{a}``): pools, HD counters and the address ids.
+* **address allocation** (``{a}``): pools, HD counters and the address ids;
+* **live rates** (``{rates}``): the rate table, its leader lease, the sources' health.
+
+Lookups by random token (``cv:tok:…``, ``cv:rtok:…``) carry no tag: they spread
+by themselves, and are written before the commit that makes them true.
 
 The number of partitions (``COINVOICE_STREAM_PARTITIONS``) is part of the data
 layout: an invoice's id says its partition (``id % partitions``), so it is set
@@ -38,6 +42,11 @@ UPDATES_PARKED = PREFIX + "updates:parked"  # hash → updates that could not be
 INGEST_STATS = PREFIX + "stats:ingest"  # hash counter → value, summed over all workers
 MERCHANTS = PREFIX + "merchants"  # set of merchant keys
 WORKERS = PREFIX + "workers"  # zset worker name → last heartbeat (unix seconds)
+# The rate table, its leader lease and the sources' health share the tag {rates}:
+# rates_publish.lua checks the lease and writes the table in one step (one slot).
+RATES = PREFIX + "{rates}"  # hash market symbol → "{price} {as of, unix s} {sources}"
+RATES_LEADER = PREFIX + "{rates}:leader"  # string: the worker refreshing rates (a lease)
+RATES_SOURCES = PREFIX + "{rates}:sources"  # hash "{source}:ok_at|errors|error" → value
 # INCR counter a sender bumps before WAIT, so the WAIT covers every commit it has read.
 FENCE = PREFIX + "fence"
 
@@ -150,6 +159,11 @@ def mails(invoice_id: int) -> str:
     return f"{PREFIX}mails:{partition_tag(invoice_partition(invoice_id))}{invoice_id}"
 
 
+def refund_token(token: str) -> str:
+    """Refund page token → invoice id; written with the first refund/payback e-mail."""
+    return f"{PREFIX}rtok:{token}"
+
+
 def address(currency: str, addr: str) -> str:
     """Invoice id owning a deposit address; in the address's updates partition."""
     return f"{PREFIX}addr:{partition_tag(address_partition(currency, addr))}{currency}:{addr}"
@@ -194,6 +208,11 @@ def address_pool(currency: str) -> str:
 def address_pool_known(currency: str) -> str:
     """Set of every address ever loaded into the pool, so a reload never pushes one twice."""
     return f"{PREFIX}{{a}}:pool-known:{currency}"
+
+
+def seen_signature(merchant_key: str, digest: str) -> str:
+    """A timestamped request's signature, remembered while its timestamp is in the window."""
+    return f"{PREFIX}seen:{merchant_key}:{digest}"
 
 
 def rate_limit(scope: str, who: str, second: int) -> str:

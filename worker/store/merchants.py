@@ -66,6 +66,7 @@ def make_merchant(
     fee_percent: Decimal = Decimal(1),
     underpayment_tolerance_percent: Decimal = Decimal(0),
     standard_webhooks: bool = False,
+    require_timestamp: bool = False,
 ) -> Merchant:
     """A merchant with generated key and secrets where none are given."""
     return Merchant(
@@ -76,6 +77,7 @@ def make_merchant(
         fee_percent=fee_percent,
         underpayment_tolerance_percent=underpayment_tolerance_percent,
         standard_webhooks_secret=new_standard_webhooks_secret() if standard_webhooks else None,
+        require_timestamp=require_timestamp,
     )
 
 

@@ -109,7 +109,9 @@
     // server render it.
     const addressAppeared = data.address && !root.dataset.address;
     const partPaid = data.status === "pending" && data.address && data.remaining_amount !== root.dataset.remaining;
-    if (addressAppeared || partPaid) {
+    // Prices are back after the exchange rates were too old: show the offers.
+    const pricesBack = root.dataset.pricesUnavailable === "1" && !data.prices_unavailable;
+    if (addressAppeared || partPaid || pricesBack) {
       window.location.reload();
       return;
     }

@@ -8,6 +8,9 @@
 -- ledger_apply.lua moves each onto the balances exactly once (worker/store/ledger.py).
 -- The deposit address's owner key is written before the commit that assigns it
 -- (InvoiceStore.claim_address): an owner without the address is ignored by ingest.
+-- A refund token's index key (cv:rtok:…, its own slot) is likewise written before
+-- the commit that stores the token on the invoice (InvoiceStore.claim_refund_token):
+-- an index key whose invoice does not hold that token opens no refund page.
 --
 -- KEYS[1] invoice key         KEYS[2] timers zset         KEYS[3] delivery-due zset
 -- KEYS[4] delivery hash       KEYS[5] mail-due zset       KEYS[6] mails hash
