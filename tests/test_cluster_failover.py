@@ -27,6 +27,7 @@ from tests.scenarios import body, create_plans, mismatches, reference
 from tests.support import make_settings
 from tests.test_crash_safety import record
 from worker.app.runtime import invoice_service
+from worker.store import keys
 from worker.store.connection import connect
 from worker.store.merchants import MerchantStore, make_merchant
 from worker.store.redis_server import RedisServer
@@ -68,6 +69,9 @@ async def test_master_killed_under_load_loses_nothing_and_applies_nothing_twice(
         sending = asyncio.create_task(send_paced(base, payloads, RATE_PER_S))
         await asyncio.sleep(KILL_AFTER_SECONDS)
         victim = rng.choice(cluster.master_ports())
+        # The ingest counters are one hash on one master, written after the acks and
+        # not WAITed for: when that master dies, a failover may drop some increments.
+        counters_master = redis.get_node_from_key(keys.INGEST_STATS).port
         cluster.node(victim).stop(kill=True)
         killed_at = time.monotonic()
         await asyncio.to_thread(cluster.wait_settled, 3, 0)
@@ -93,8 +97,10 @@ async def test_master_killed_under_load_loses_nothing_and_applies_nothing_twice(
         assert sending_after_kill_s > failed_over_s  # the flow went on across the failover
         assert (sent.acknowledged, sent.given_up) == (len(payloads), 0)
         assert await mismatches(redis, merchant, reference(plans, service.policy)) == []
-        # Retried appends may add entries, never fewer than were accepted.
-        assert stats["entries"] >= len(payloads)
+        # Retried appends may add entries, never fewer than were accepted (unless the
+        # counters' own master was the one killed: telemetry, not the data checked above).
+        if counters_master != victim:
+            assert stats["entries"] >= len(payloads)
         assert stats["applied"] <= observed["distinct_updates"]
     finally:
         for child in children:
