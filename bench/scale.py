@@ -5,8 +5,9 @@ Run: `.venv/bin/python bench/scale.py` (about 1.5 minutes; prints one JSON objec
 1. Memory. MEMORY_INVOICES confirmed invoices, each paid in two transactions
    (instalments: mempool, 1 confirmation, confirmed, twice; every merchant
    callback delivered once), written with the store's own scripts:
-   create.lua, commit.lua with the final state and all its effects (outbox,
-   ledger, balance), delivery_done.lua per delivered callback. Reported: the
+   the token and address lookups and create.lua, commit.lua with the final
+   state and all its effects (callback outbox, ledger outbox), then
+   delivery_done.lua per delivered callback. Reported: the
    INFO used_memory delta per invoice (everything, the merchant's ledger
    entries included) and MEMORY USAGE of each of an invoice's own keys.
 2. Update cost. Pending invoices are added (create.lua) until 1,000 →
@@ -20,9 +21,17 @@ Run: `.venv/bin/python bench/scale.py` (about 1.5 minutes; prints one JSON objec
 Invoices are loaded fast with bench/harness/bulk.py: the store computes its
 script calls for a template invoice once, and each invoice's calls are the
 template's with its identity (id, foreign id, token, address, txids) filled
-in. Redis runs with AOF and appendfsync always; automatic AOF rewrites are
-switched off for part 2 (a rewrite of a multi-GB dataset would land in the
-middle of a measurement and say nothing about the cost of an update).
+in. Keys carry partition hash tags that depend on that identity (the
+invoice's partition, its foreign id's, its address's: worker/store/keys.py),
+so the template's tags are markers too, one per kind of key, and each
+invoice's ids are drawn as `InvoiceStore.next_id` draws them: in its foreign
+id's partition, from per-partition counters (kept here, stored at the end).
+The ledger entries commit.lua leaves in the partitions' outboxes are posted
+onto the merchant's balances and ledger (`post_ledger`) before memory is
+read, as a worker does within a fraction of a second. Redis runs with AOF
+and appendfsync always; automatic AOF rewrites are switched off for part 2
+(a rewrite of a multi-GB dataset would land in the middle of a measurement
+and say nothing about the cost of an update).
 """
 
 from __future__ import annotations
@@ -35,8 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyncio
 import json
 import random
+import re
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from decimal import Decimal
 from typing import Any
@@ -57,7 +68,9 @@ from worker.store import keys, scripts
 from worker.store.codec import dump_update
 from worker.store.deliveries import Outcome, record_call
 from worker.store.invoices import Stored
+from worker.store.ledger import pending_entries, post_ledger
 from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.scripts import Scripts
 
 MEMORY_INVOICES = 100_000
 SIZES = (1_000, 10_000, 100_000, 1_000_000)
@@ -71,6 +84,12 @@ ID = "987654321"  # the invoice id: also the address id, inside tx ids (id * 10 
 TOKEN = "TOKENxTOKENxTOKENxTOKENxTOKENxTO"  # noqa: S105 - a marker, 32 characters like a token
 ADDRESS = "bc1qADDRESSMARKER".ljust(42, "x")  # as long as a P2WPKH address
 TXID = "TXIDMARKER"  # the first 10 of a txid's 64 hex digits
+FOREIGN = "FOREIGNxMARKER"  # the foreign id's number (`order-{n}`): it decides the partition
+# The partition tags in a template's keys, by the kind of key that carries them.
+INVOICE_TAG = "{INVOICE-TAG}"  # the invoice's partition: the invoice and its schedules
+FOREIGN_TAG = "{FOREIGN-TAG}"  # the foreign id's partition (the same, as ids are drawn)
+ADDRESS_TAG = "{ADDRESS-TAG}"  # the deposit address's partition
+_PARTITION_TAG = re.compile(r"\{p\d+(?:\.\d+)?\}")
 
 
 # --------------------------------------------------------------------------- templates
@@ -81,24 +100,87 @@ def filler_address(n: int) -> str:
     return f"bc1qfill{n:034d}"
 
 
-def identity(invoice_id: int) -> dict[str, str]:
-    """The values that replace the markers for invoice `invoice_id`."""
-    return {
-        ADDRESS: filler_address(invoice_id),
-        TOKEN: secrets.token_urlsafe(24),
-        TXID: f"{invoice_id:010d}",
-        ID: str(invoice_id),
-    }
+class Ids:
+    """Invoice ids as `InvoiceStore.next_id` draws them (in the foreign id's partition),
+    counted here for speed; `store` writes the counters so the store's own draws follow."""
+
+    def __init__(self, merchant: Merchant) -> None:
+        self.merchant = merchant
+        self.counters = [0] * keys.partitions()
+        self.foreign: dict[int, int] = {}  # invoice id → the n of its foreign id `order-{n}`
+        self.next_foreign = 0
+
+    def draw(self, count: int) -> list[int]:
+        """`count` new invoice ids, each for a new foreign id."""
+        ids = []
+        for _ in range(count):
+            self.next_foreign += 1
+            n = self.next_foreign
+            partition = keys.foreign_id_partition(self.merchant.key, f"order-{n}")
+            self.counters[partition] += 1
+            invoice_id = self.counters[partition] * keys.partitions() + partition
+            self.foreign[invoice_id] = n
+            ids.append(invoice_id)
+        return ids
+
+    async def store(self, redis: aioredis.Redis) -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            for partition, n in enumerate(self.counters):
+                pipe.set(keys.invoice_ids(partition), n)
+            await pipe.execute()
+
+    def identity(self, invoice_id: int) -> dict[str, str]:
+        """The values that replace the markers for invoice `invoice_id`."""
+        address = filler_address(invoice_id)
+        foreign = f"order-{self.foreign[invoice_id]}"
+        return {
+            ADDRESS_TAG: keys.partition_tag(keys.address_partition("BTC", address)),
+            FOREIGN_TAG: keys.partition_tag(keys.foreign_id_partition(self.merchant.key, foreign)),
+            INVOICE_TAG: keys.partition_tag(keys.invoice_partition(invoice_id)),
+            ADDRESS: address,
+            TOKEN: secrets.token_urlsafe(24),
+            TXID: f"{invoice_id:010d}",
+            FOREIGN: str(self.foreign[invoice_id]),
+            ID: str(invoice_id),
+        }
+
+
+def marked_key(key: str) -> str:
+    """A template key with its partition tag replaced by the marker of its kind."""
+    if key.startswith(keys.PREFIX + "addr:"):
+        marker = ADDRESS_TAG
+    elif key.startswith(keys.PREFIX + "fid:"):
+        marker = FOREIGN_TAG
+    else:
+        marker = INVOICE_TAG
+    return _PARTITION_TAG.sub(marker, key, count=1)
+
+
+def evalsha(sha: str, call: tuple[Sequence[str], Sequence[str | int | bytes]]) -> list[str]:
+    """`bulk.evalsha` with the KEYS' partition tags as markers."""
+    names, args = call
+    return bulk.evalsha(sha, ([marked_key(k) for k in names], args))
+
+
+def lookups(invoice: Invoice) -> list[list[str]]:
+    """The token and address-owner keys `InvoiceStore.create` writes before create.lua."""
+    assert invoice.address is not None
+    owner = keys.address(invoice.address.currency, invoice.address.address)
+    return [
+        ["SET", keys.token(invoice.token), ID, "NX"],
+        ["SET", marked_key(owner), ID, "NX"],
+    ]
 
 
 def template_invoice(
     service: InvoiceService, merchant: Merchant, now: int, payment_type: PaymentType
 ) -> Invoice:
     """A new pending invoice whose identity is spelled with the markers."""
-    invoice = fill.new_invoice(service, merchant, int(ID), random.Random(1), now, payment_type)
+    invoice = fill.new_invoice(
+        service, merchant, int(ID), f"order-{FOREIGN}", random.Random(1), now, payment_type
+    )
     return replace(
         invoice,
-        foreign_id=f"order-{ID}",
         token=TOKEN,
         address=DepositAddress(int(ID), "BTC", ADDRESS),
     )
@@ -118,11 +200,13 @@ async def shas(redis: aioredis.Redis, *names: str) -> list[str]:
     return [str(await redis.script_load(scripts.source(name))) for name in names]
 
 
-async def write_many(url: str, template: bulk.Template, ids: range) -> None:
-    """The template's commands for every id, down one raw connection."""
+async def write_many(url: str, template: bulk.Template, ids: Ids, chosen: Sequence[int]) -> None:
+    """The template's commands for every chosen id, down one raw connection."""
     connection = await bulk.BulkConnection.open(url)
     try:
-        await connection.run(command for i in ids for command in template.render(identity(i)))
+        await connection.run(
+            command for i in chosen for command in template.render(ids.identity(i))
+        )
     finally:
         await connection.close()
 
@@ -158,10 +242,11 @@ async def confirmed_template(
     delivered = Outcome(200, "", DELIVERY_MS, delivered=True)
     store = service.store
     commands = [
-        bulk.evalsha(create_sha, store.create_call(created)),
-        bulk.evalsha(commit_sha, store.commit_call(Stored(created, 1), flow, now)),
+        *lookups(created),
+        evalsha(create_sha, store.create_call(created)),
+        evalsha(commit_sha, store.commit_call(Stored(created, 1), flow, now)),
         *(
-            bulk.evalsha(done_sha, record_call(int(ID), seq, delivered, now, schedule))
+            evalsha(done_sha, record_call(int(ID), seq, delivered, now, schedule))
             for seq in range(1, current.sequence + 1)
         ),
     ]
@@ -192,13 +277,20 @@ async def memory_part(redis: aioredis.Redis, service: InvoiceService, url: str) 
     merchant = make_merchant("Bench shop", "http://127.0.0.1:9/callbacks")
     await MerchantStore(redis).add(merchant)
     template, flow = await confirmed_template(redis, service, merchant, int(time.time()))
-    ids = await fill.reserve_ids(redis, MEMORY_INVOICES)
+    ids = Ids(merchant)
+    chosen = ids.draw(MEMORY_INVOICES)
     before = await used_memory(redis)
     started = time.monotonic()
-    await write_many(url, template, ids)
+    await write_many(url, template, ids, chosen)
+    await ids.store(redis)
+    # The ledger entries wait in the partitions' outboxes until a worker posts them.
+    scripts_ = Scripts(redis)
+    while await post_ledger(redis, scripts_):
+        pass
+    assert await pending_entries(redis) == 0
     built_s = time.monotonic() - started
     after = await used_memory(redis)
-    stored = await service.store.get_many(random.Random(2).sample(ids, 200))
+    stored = await service.store.get_many(random.Random(2).sample(chosen, 200))
     assert len(stored) == 200
     assert all(s.invoice.status.value == "confirmed" for s in stored.values())
     samples = [await key_sizes(redis, s.invoice) for s in stored.values()]
@@ -209,6 +301,10 @@ async def memory_part(redis: aioredis.Redis, service: InvoiceService, url: str) 
         "MEMORY", "USAGE", keys.ledger(merchant.key), "SAMPLES", "0"
     )
     sample = next(iter(stored.values())).invoice
+    # The layout is the store's: each lookup finds its invoice, the balance is credited.
+    assert await service.store.id_by_foreign_id(merchant.key, sample.foreign_id) == sample.id
+    assert await service.store.id_by_token(sample.token) == sample.id
+    assert await service.store.balances(merchant.key)
     per_invoice = (after - before) / MEMORY_INVOICES
     return {
         "invoices": MEMORY_INVOICES,
@@ -242,45 +338,54 @@ async def evalsha_usec(redis: aioredis.Redis) -> tuple[int, int]:
     return int(entry.get("calls", 0)), int(entry.get("usec", 0))
 
 
-def untouched(live: int, count: int, touched: set[int], rng: random.Random) -> list[int]:
+def untouched(live: Sequence[int], count: int, touched: set[int], rng: random.Random) -> list[int]:
     """`count` random invoice ids among the live ones that no update has touched yet."""
     chosen: list[int] = []
     while len(chosen) < count:
-        invoice_id = rng.randint(1, live)
+        invoice_id = rng.choice(live)
         if invoice_id not in touched:
             touched.add(invoice_id)
             chosen.append(invoice_id)
     return chosen
 
 
+def address_partition(invoice_id: int) -> int:
+    """The updates partition of invoice `invoice_id`'s deposit address."""
+    return keys.address_partition("BTC", filler_address(invoice_id))
+
+
 async def measure_updates(
     redis: aioredis.Redis,
     service: InvoiceService,
     template: Invoice,
-    live: int,
+    live: Sequence[int],
     touched: set[int],
 ) -> dict[str, Any]:
     """Per-update cost with `live` invoices: one-update batches, then full batches."""
-    ingest = Ingest(redis, service, consumer=f"bench-{live}")
-    chosen = untouched(live, SAMPLES + BATCHES * ingest.batch, touched, random.Random(live))
+    ingest = Ingest(redis, service, consumer=f"bench-{len(live)}")
+    rng = random.Random(len(live))
+    chosen = untouched(live, SAMPLES + BATCHES * ingest.batch, touched, rng)
     single, batched = chosen[:SAMPLES], chosen[SAMPLES:]
     calls0, usec0 = await evalsha_usec(redis)
     latencies = []
     for invoice_id in single:
         entry = (b"0-1", {b"u": dump_update(first_sighting(template, invoice_id))})
         started = time.perf_counter()
-        await ingest.process([entry])
+        await ingest.process(address_partition(invoice_id), [entry])
         latencies.append(time.perf_counter() - started)
     calls1, usec1 = await evalsha_usec(redis)
     started = time.perf_counter()
     for n in range(BATCHES):
         part = batched[n * ingest.batch : (n + 1) * ingest.batch]
         entries = [(b"0-1", {b"u": dump_update(first_sighting(template, i))}) for i in part]
-        await ingest.process(entries)
+        # A worker's batch comes from one partition; the partition here only names the
+        # stream the stand-in entry ids are acknowledged on (the cost is in the apply,
+        # whose owners and invoices lie in many partitions either way).
+        await ingest.process(address_partition(part[0]), entries)
     per_update_us = (time.perf_counter() - started) / len(batched) * 1e6
     assert ingest.stats.applied == len(chosen), ingest.stats
     return {
-        "live_invoices": live,
+        "live_invoices": len(live),
         "one_update_batch": summary_ms(latencies),
         "full_batch_us_per_update": round(per_update_us),
         "redis_evalsha_us_per_call": round((usec1 - usec0) / max(1, calls1 - calls0), 1),
@@ -295,15 +400,20 @@ async def update_cost_part(
     await MerchantStore(redis).add(merchant)
     template = template_invoice(service, merchant, int(time.time()), PaymentType.FILL_OR_KILL)
     (create_sha,) = await shas(redis, "create")
-    creates = bulk.Template([bulk.evalsha(create_sha, service.store.create_call(template))])
+    creates = bulk.Template(
+        [*lookups(template), evalsha(create_sha, service.store.create_call(template))]
+    )
     await ensure_group(redis)
     touched: set[int] = set()
-    live, results = 0, []
+    ids = Ids(merchant)
+    live: list[int] = []
+    results = []
     for size in SIZES:
         started = time.monotonic()
-        await redis.set(keys.INVOICE_IDS, size)
-        await write_many(url, creates, range(live + 1, size + 1))
-        live = size
+        new = ids.draw(size - len(live))
+        await write_many(url, creates, ids, new)
+        await ids.store(redis)
+        live += new
         result = await measure_updates(redis, service, template, live, touched)
         result["fill_s"] = round(time.monotonic() - started, 1)
         result["used_memory_mb"] = round(await used_memory(redis) / 2**20)

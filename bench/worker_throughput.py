@@ -36,11 +36,11 @@ from tests.support import make_settings
 from worker.app.runtime import invoice_service
 from worker.domain.models import Merchant
 from worker.ingest.consumer import ensure_group
-from worker.ingest.enqueue import enqueue
+from worker.ingest.enqueue import enqueue, queued
 from worker.store import keys
-from worker.store.codec import dump_update
 from worker.store.merchants import MerchantStore, make_merchant
 from worker.store.redis_server import free_port
+from worker.store.schedules import count_due
 
 INVOICES = 12_000
 UPDATES_PER_INVOICE = 3  # 36,000 updates per run
@@ -65,7 +65,7 @@ async def prepare_updates(redis: aioredis.Redis, redis_url: str, merchant: Merch
         [fill.payment(inv, tx_id=inv.id * 10)[:UPDATES_PER_INVOICE] for inv in invoices]
     )
     await ensure_group(redis)
-    payloads = [dump_update(u) for u in updates]
+    payloads = [queued(u) for u in updates]
     for start in range(0, len(payloads), ENQUEUE_CHUNK):
         await enqueue(redis, payloads[start : start + ENQUEUE_CHUNK])
     return len(payloads)
@@ -104,7 +104,7 @@ async def outbox_drained(redis: aioredis.Redis) -> float | None:
     """Seconds until no callback is left to deliver (None: not within DRAIN_TIMEOUT_SECONDS)."""
     started = time.monotonic()
     while time.monotonic() - started < DRAIN_TIMEOUT_SECONDS:
-        if not await redis.zcard(keys.DELIVERY_DUE):
+        if not await count_due(redis, keys.delivery_due, float("inf")):
             return round(time.monotonic() - started, 2)
         await asyncio.sleep(0.05)
     return None

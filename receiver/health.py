@@ -12,9 +12,9 @@ import asyncio
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from redis.exceptions import RedisError
 
 from receiver import appkeys
+from worker.store.connection import REDIS_UNAVAILABLE
 
 # Readiness answers within this many seconds (a load balancer's check times out soon after).
 READY_TIMEOUT_SECONDS = 1.0
@@ -41,7 +41,7 @@ async def ready(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(READY_TIMEOUT_SECONDS):
             await request.app[appkeys.REDIS].ping()
-    except (RedisError, OSError, TimeoutError):
+    except REDIS_UNAVAILABLE:  # includes the timeout: TimeoutError is an OSError
         return web.json_response({"status": "redis_unavailable"}, status=503)
     return web.json_response({"status": "ok"})
 

@@ -88,7 +88,7 @@ class Metrics:
         )
         self.backlog = Gauge(
             "coinvoice_backlog",
-            "Work waiting in Redis: updates to apply, callbacks and timers due",
+            "Work waiting in Redis: updates, ledger entries, callbacks, timers and mails due",
             ["queue"],
             registry=self.registry,
         )

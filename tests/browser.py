@@ -30,10 +30,12 @@ from receiver.pages.handlers import POLL_MS
 from tests.support import PROCESSING_KEY, PROCESSING_SECRET, make_settings, signed_headers
 from worker.domain.models import Merchant
 from worker.ingest.consumer import Ingest
+from worker.outbox.ledger import LedgerPoster
 from worker.services.invoices import InvoiceService
-from worker.store import keys
+from worker.store.ledger import pending_entries
 from worker.store.merchants import MerchantStore, make_merchant
 from worker.store.redis_server import free_port
+from worker.store.streams import stream_backlog
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -146,7 +148,7 @@ class Live:
             assert response.status == 200, await response.text()
         redis = self.app[appkeys.REDIS]
         deadline = asyncio.get_running_loop().time() + APPLY_TIMEOUT_SECONDS
-        while await redis.xlen(keys.UPDATES):
+        while await stream_backlog(redis) or await pending_entries(redis):
             assert asyncio.get_running_loop().time() < deadline, "update not applied"
             await asyncio.sleep(0.01)
 
@@ -166,14 +168,18 @@ async def live_receiver(redis_url: str) -> AsyncIterator[Live]:
     merchant = make_merchant("Tea Shop", "http://127.0.0.1:9/callbacks")
     await MerchantStore(redis).add(merchant)
     ingest = Ingest(redis, app[appkeys.SERVICE], consumer="pages-test", reclaim_idle_ms=60_000)
-    task = asyncio.create_task(ingest.run(), name="ingest")
+    poster = LedgerPoster(redis, app[appkeys.SERVICE].store.scripts)
+    tasks = [
+        asyncio.create_task(ingest.run(), name="ingest"),
+        asyncio.create_task(poster.run(), name="ledger"),
+    ]
     session = aiohttp.ClientSession()
     try:
         yield Live(base, app, merchant, session)
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await session.close()
         await runner.cleanup()
 

@@ -25,7 +25,9 @@ import redis.asyncio as aioredis
 from tests.support import PROCESSING_KEY, PROCESSING_SECRET
 from worker.domain.signing import sign
 from worker.store import keys
+from worker.store.ledger import pending_entries
 from worker.store.redis_server import free_port
+from worker.store.streams import stream_backlog
 
 # How long a child may take to become ready (seconds).
 START_TIMEOUT_SECONDS = 20.0
@@ -189,15 +191,17 @@ async def wait_applied(redis: aioredis.Redis, seconds: float = 60.0) -> None:
     """Until every queued update was applied and acknowledged.
 
     Workers delete an entry in the same pipeline that acknowledges it, after
-    its effects are committed, so an empty stream means everything is applied.
+    its effects are committed, so an empty stream means everything is applied;
+    the ledger outboxes empty once those effects are on the balances.
     """
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if await redis.xlen(keys.UPDATES) == 0:
+        if await stream_backlog(redis) == 0 and await pending_entries(redis) == 0:
             return
         await asyncio.sleep(0.1)
     raise AssertionError(
-        f"updates not applied in {seconds}s: {await redis.xlen(keys.UPDATES)} left"
+        f"updates not applied in {seconds}s: {await stream_backlog(redis)} left,"
+        f" {await pending_entries(redis)} ledger entries not posted"
     )
 
 
@@ -230,10 +234,12 @@ async def kill_holding_entries(
 
 
 async def _held(redis: aioredis.Redis, consumer: str) -> bool:
-    try:
-        held = await redis.xpending_range(
-            keys.UPDATES, keys.UPDATES_GROUP, "-", "+", 1, consumername=consumer
-        )
-    except aioredis.ResponseError:  # no group yet
-        return False
-    return bool(held)
+    """Does `consumer` hold unacknowledged entries in any partition? (one round trip)"""
+    async with redis.pipeline(transaction=False) as pipe:
+        for partition in range(keys.partitions()):
+            pipe.xpending_range(
+                keys.updates(partition), keys.UPDATES_GROUP, "-", "+", 1, consumername=consumer
+            )
+        replies = await pipe.execute(raise_on_error=False)
+    # A partition without its group yet answers an error: nothing held there.
+    return any(reply and not isinstance(reply, Exception) for reply in replies)

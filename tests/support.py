@@ -17,6 +17,8 @@ from worker.domain.models import Merchant
 from worker.domain.signing import sign
 from worker.ingest.consumer import Ingest, ensure_group
 from worker.store import keys
+from worker.store.ledger import post_ledger
+from worker.store.scripts import Scripts
 
 T = TypeVar("T")
 
@@ -112,18 +114,31 @@ async def processing_post(client: TestClient[Any, Any], payload: object) -> tupl
 
 
 async def drain(ingest: Ingest) -> int:
-    """Apply everything queued in the stream with this consumer; return entries processed."""
+    """Apply everything queued in every partition with this consumer, and post the ledger
+    entries it committed to the balances; return entries processed."""
     await ensure_group(ingest.redis)
     total = 0
-    while True:
-        response = await ingest.redis.xreadgroup(
-            keys.UPDATES_GROUP, ingest.consumer, {keys.UPDATES: ">"}, count=ingest.batch
-        )
-        entries = [entry for _, batch in response for entry in batch]
-        if not entries:
-            return total
-        await ingest.process(entries)
-        total += len(entries)
+    for partition in range(keys.partitions()):
+        while True:
+            response = await ingest.redis.xreadgroup(
+                keys.UPDATES_GROUP,
+                ingest.consumer,
+                {keys.updates(partition): ">"},
+                count=ingest.batch,
+            )
+            entries = [entry for _, batch in response for entry in batch]
+            if not entries:
+                break
+            await ingest.process(partition, entries)
+            total += len(entries)
+    await post_all(ingest.redis)
+    return total
+
+
+async def post_all(redis: Any) -> None:
+    """Post every committed ledger entry to the balances (what the workers' ledger loop does)."""
+    while await post_ledger(redis, Scripts(redis)):
+        pass
 
 
 async def eventually(

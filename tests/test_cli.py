@@ -203,7 +203,7 @@ async def test_invoice_show_and_callbacks_redeliver(
         merchant, InvoiceRequest("show", "Tea", "EUR", service.rates.rate("EUR", "EUR"), True)
     )
     await service.cancel(merchant.key, "show")
-    await redis.zrem(keys.DELIVERY_DUE, invoice.id)
+    await redis.zrem(keys.delivery_due_of(invoice.id), invoice.id)
     await redis.hset(keys.delivery(invoice.id), "dead", 1)
     shown = await run(env, "invoice", "show", "show", "--merchant", merchant.key)
     assert shown.returncode == 0, shown.stderr
@@ -218,7 +218,7 @@ async def test_invoice_show_and_callbacks_redeliver(
     again = await run(env, "callbacks", "redeliver", "show", "--merchant", merchant.key)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout) == {"foreign_id": "show", "sequence": 1, "state": "pending"}
-    assert await redis.zscore(keys.DELIVERY_DUE, invoice.id) is not None
+    assert await redis.zscore(keys.delivery_due_of(invoice.id), invoice.id) is not None
     assert await redis.hget(keys.delivery(invoice.id), "dead") is None
     missing = await run(env, "invoice", "show", "nope", "--merchant", merchant.key)
     assert missing.returncode == 1

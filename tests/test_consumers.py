@@ -15,14 +15,18 @@ import redis.asyncio as aioredis
 from worker.domain.events import TransactionUpdate
 from worker.domain.models import Compliance, TxStatus
 from worker.ingest.consumer import Ingest, ensure_group
-from worker.ingest.enqueue import enqueue
+from worker.ingest.enqueue import enqueue, queued
 from worker.store import keys
-from worker.store.codec import dump_update
+
+# Every update here goes to one deposit address, hence one partition of the stream.
+ADDRESS = "bc1qorphan"
+PARTITION = keys.address_partition("BTC", ADDRESS)
+STREAM = keys.updates(PARTITION)
 
 
 async def consumers(redis: aioredis.Redis) -> dict[str, int]:
-    """Consumer name → entries pending for it."""
-    found = await redis.xinfo_consumers(keys.UPDATES, keys.UPDATES_GROUP)
+    """Consumer name → entries pending for it (in the partition of ADDRESS)."""
+    found = await redis.xinfo_consumers(STREAM, keys.UPDATES_GROUP)
     return {info["name"].decode(): info["pending"] for info in found}
 
 
@@ -32,7 +36,7 @@ async def take(redis: aioredis.Redis, consumer: str, count: int) -> None:
         TransactionUpdate(
             tx_id=n,
             currency="BTC",
-            address=f"bc1qorphan{n}",
+            address=ADDRESS,
             amount=Decimal("0.1"),
             txid=f"{n:064x}",
             confirmations=0,
@@ -42,11 +46,11 @@ async def take(redis: aioredis.Redis, consumer: str, count: int) -> None:
         )
         for n in range(count)
     ]
-    await enqueue(redis, [dump_update(u) for u in updates])
+    await enqueue(redis, [queued(u) for u in updates])
     await ensure_group(redis)
-    await redis.xgroup_createconsumer(keys.UPDATES, keys.UPDATES_GROUP, consumer)
+    await redis.xgroup_createconsumer(STREAM, keys.UPDATES_GROUP, consumer)
     if count:
-        await redis.xreadgroup(keys.UPDATES_GROUP, consumer, {keys.UPDATES: ">"}, count=count)
+        await redis.xreadgroup(keys.UPDATES_GROUP, consumer, {STREAM: ">"}, count=count)
 
 
 async def test_a_dead_consumer_is_removed_only_once_its_entries_were_claimed(
@@ -55,13 +59,13 @@ async def test_a_dead_consumer_is_removed_only_once_its_entries_were_claimed(
     """A dead worker holding entries stays in the group until they are claimed and applied."""
     await take(redis, "dead-worker", 3)
 
-    assert await ingest.forget_dead_consumers() == 0
+    assert await ingest.forget_dead_consumers(PARTITION) == 0
     assert (await consumers(redis))["dead-worker"] == 3
 
-    assert await ingest.reclaim() == 3
-    assert await ingest.forget_dead_consumers() == 1
+    assert await ingest.reclaim(PARTITION) == 3
+    assert await ingest.forget_dead_consumers(PARTITION) == 1
     assert "dead-worker" not in await consumers(redis)
-    assert await redis.xlen(keys.UPDATES) == 0  # applied (kept as orphans) and acknowledged
+    assert await redis.xlen(STREAM) == 0  # applied (kept as orphans) and acknowledged
     assert ingest.stats.orphans == 3
 
 
@@ -74,7 +78,7 @@ async def test_a_consumer_with_a_fresh_heartbeat_is_kept(
     now = time.time()
     await redis.zadd(keys.WORKERS, {"alive": now, "stale": now - ingest.dead_after_seconds - 1})
 
-    assert await ingest.forget_dead_consumers() == 1
+    assert await ingest.forget_dead_consumers(PARTITION) == 1
     assert set(await consumers(redis)) == {"alive"}
 
 
@@ -88,7 +92,7 @@ async def test_a_stopping_worker_leaves_the_group_only_holding_nothing(
     assert await ingest.leave_group() is False
     assert (await consumers(redis))[ingest.consumer] == 2
 
-    entries = await ingest.read(backlog=True)
-    await ingest.process(entries)
+    entries = await ingest.read(PARTITION, backlog=True)
+    await ingest.process(PARTITION, entries)
     assert await ingest.leave_group() is True
     assert await consumers(redis) == {}

@@ -28,7 +28,7 @@ from worker.app.runtime import invoice_service
 from worker.config import Settings
 from worker.domain.models import Merchant
 from worker.ingest.consumer import ensure_group
-from worker.ingest.enqueue import enqueue
+from worker.ingest.enqueue import Queued, enqueue, queued
 from worker.store import keys
 from worker.store.deliveries import delivery_log
 from worker.store.merchants import MerchantStore, make_merchant
@@ -113,14 +113,13 @@ async def test_concurrent_workers_lose_no_update(
     assert await mismatches(redis, merchant, reference(plans, service.policy)) == []
 
 
-def _normalized(payload: bytes) -> bytes:
+def _normalized(payload: bytes) -> Queued:
     """What the receiver would enqueue for a processing callback body."""
     from receiver.api.processing import ProcessingCallback, updates_of
-    from worker.store.codec import dump_update
 
     callback = ProcessingCallback.model_validate_json(payload)
     (update,) = updates_of(callback, 0)
-    return dump_update(update)
+    return queued(update)
 
 
 async def test_workers_killed_with_sigkill_while_updates_flow(
@@ -294,4 +293,4 @@ async def test_racing_creates_across_receiver_processes(
         first.stop()
         second.stop()
     assert sorted(statuses) == [200] + [400] * 49
-    assert len([k async for k in redis.scan_iter(match=keys.invoice(0)[:-1] + "*")]) == 1
+    assert len([k async for k in redis.scan_iter(match=f"{keys.PREFIX}inv:*")]) == 1

@@ -104,7 +104,7 @@ async def test_callback_is_the_signed_snapshot(
     )
     assert body["currency_received"] == {"currency": "EUR", "amount": "106.75000000"}
     assert "webhook-signature" not in got.headers  # only for merchants who asked for it
-    assert await redis.zscore(keys.DELIVERY_DUE, body["id"]) is None
+    assert await redis.zscore(keys.delivery_due_of(body["id"]), body["id"]) is None
 
 
 async def test_standard_webhooks_headers_verify_with_the_official_library(

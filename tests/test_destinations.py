@@ -207,7 +207,8 @@ async def test_an_odd_spelling_of_loopback_is_dead_lettered_at_once(
     assert entry["state"] == "dead"
     (attempt,) = entry["attempts"]
     assert attempt["status_code"] is None and "127.0.0.1" in attempt["error"]
-    assert await redis.zcard(keys.DELIVERY_DUE) == 0  # no retry run
+    invoice_id = (await service.by_foreign_id(merchant.key, "odd")).invoice.id
+    assert await redis.zscore(keys.delivery_due_of(invoice_id), invoice_id) is None  # no retry
 
 
 async def test_a_redelivery_refused_by_the_guard_is_dead_not_delivered(

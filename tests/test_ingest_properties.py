@@ -11,14 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.scenarios import KINDS, create_plans, mismatches, reference
-from tests.support import make_settings
+from tests.support import make_settings, post_all
 from worker.app.runtime import invoice_service
 from worker.ingest.consumer import Ingest, ensure_group
-from worker.ingest.enqueue import enqueue
+from worker.ingest.enqueue import enqueue, queued
 from worker.store import keys
-from worker.store.codec import dump_update
 from worker.store.merchants import MerchantStore, make_merchant
 from worker.store.redis_server import RedisServer
+from worker.store.streams import stream_backlog
 
 
 async def _run(
@@ -38,16 +38,19 @@ async def _run(
         ]
         random.Random(seed).shuffle(sent)
         await ensure_group(redis)
-        await enqueue(redis, [dump_update(u) for u in sent])
+        await enqueue(redis, [queued(u) for u in sent])
         ingest = Ingest(redis, service, consumer="prop")
+        # One invoice, one deposit address: all its updates are in one partition.
+        stream = keys.updates(keys.address_partition(sent[0].currency, sent[0].address))
         for size in [*batches, len(sent)]:
-            response = await redis.xreadgroup(
-                keys.UPDATES_GROUP, "prop", {keys.UPDATES: ">"}, count=size
-            )
+            response = await redis.xreadgroup(keys.UPDATES_GROUP, "prop", {stream: ">"}, count=size)
             entries = [e for _, batch in response for e in batch]
             if entries:
-                await ingest.process(entries)
-        assert await redis.xlen(keys.UPDATES) == 0
+                await ingest.process(
+                    keys.address_partition(sent[0].currency, sent[0].address), entries
+                )
+        assert await stream_backlog(redis) == 0
+        await post_all(redis)
         return await mismatches(redis, merchant, reference(plans, service.policy))
     finally:
         await redis.aclose()

@@ -26,6 +26,7 @@ from worker.domain.models import Merchant
 from worker.store import keys
 from worker.store.codec import load_update
 from worker.store.redis_server import RedisServer
+from worker.store.streams import all_entries
 
 pytestmark = pytest.mark.slow
 
@@ -81,14 +82,16 @@ async def pair(
 
 async def acknowledged_tx_ids(redis: aioredis.Redis) -> set[int]:
     """The transaction ids of every processing update queued in the stream."""
-    entries = await redis.xrange(keys.UPDATES)
+    entries = await all_entries(redis)
     return {load_update(fields[b"u"]).tx_id for _, fields in entries}
 
 
 async def created_foreign_ids(redis: aioredis.Redis, merchant: Merchant) -> list[str]:
     """Every foreign id the merchant has an invoice for (one key each, unique by design)."""
-    prefix = keys.foreign_id(merchant.key, "")
-    return [key.decode().removeprefix(prefix) async for key in redis.scan_iter(prefix + "*")]
+    # cv:fid:{partition tag}{merchant}:{foreign id}
+    found = [key.decode() async for key in redis.scan_iter(f"{keys.PREFIX}fid:*")]
+    own = (key.split("}", 1)[1] for key in found)
+    return [key.removeprefix(f"{merchant.key}:") for key in own if key.startswith(merchant.key)]
 
 
 async def run_losing_one(

@@ -326,7 +326,7 @@ async def record_of(redis: aioredis.Redis, invoice_id: int, cause: str) -> Any:
 
 
 async def due_at(redis: aioredis.Redis, invoice_id: int, cause: str) -> float | None:
-    return await redis.zscore(keys.MAIL_DUE, f"{invoice_id}:{cause}")  # type: ignore[no-any-return]
+    return await redis.zscore(keys.mail_due_of(invoice_id), f"{invoice_id}:{cause}")  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- rendering
@@ -594,7 +594,7 @@ async def plant_mail(redis: aioredis.Redis, invoice_id: int, cause: str) -> None
         "created_at": int(time.time()),
     }
     await redis.hsetnx(keys.mails(invoice_id), cause, json.dumps(record))
-    await redis.zadd(keys.MAIL_DUE, {f"{invoice_id}:{cause}": time.time()})
+    await redis.zadd(keys.mail_due_of(invoice_id), {f"{invoice_id}:{cause}": time.time()})
 
 
 async def confirm_email(client: Client, token: str, email: str) -> tuple[int, Any]:

@@ -214,8 +214,11 @@ async def test_fifty_racing_creates_make_one_invoice(
     )
     statuses = sorted(status for status, _ in results)
     assert statuses == [200] + [400] * 49
-    assert int(await redis.get(keys.INVOICE_IDS) or 0) >= 1
-    assert len([k async for k in redis.scan_iter(match=keys.invoice(0)[:-1] + "*")]) == 1
+    created = next(body for status, body in results if status == 200)["data"]
+    assert int(await redis.get(keys.foreign_id(merchant.key, "race"))) == created["id"]
+    assert [k async for k in redis.scan_iter(match=f"{keys.PREFIX}inv:*")] == [
+        keys.invoice(created["id"]).encode()
+    ]
 
 
 async def test_same_foreign_id_for_two_merchants(

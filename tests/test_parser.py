@@ -15,7 +15,7 @@ from receiver.api.requests import MAX_JSON_DEPTH
 from tests.support import PROCESSING_KEY, PROCESSING_SECRET, create_payload, signed_headers
 from tests.support import merchant_post as post_signed
 from worker.domain.models import Merchant
-from worker.store import keys
+from worker.store.streams import stream_backlog
 
 Client = TestClient[Any, Any]
 BAD_CONTENT = {"error": "Bad content format", "code": "bad_content_format"}
@@ -67,7 +67,7 @@ async def test_deep_json_is_bad_content_on_every_endpoint(
         for path, headers in calls:
             assert await post_raw(client, path, body, headers) == (400, BAD_CONTENT), path
     assert not [e for e in logs if e["log_level"] in ("error", "critical")]
-    assert await redis.xlen(keys.UPDATES) == 0
+    assert await stream_backlog(redis) == 0  # every partition of the updates stream
 
 
 async def test_json_at_the_depth_limit_is_read(client: Client, merchant: Merchant) -> None:

@@ -28,6 +28,8 @@ from worker.ingest.consumer import Ingest, ensure_group
 from worker.services.invoices import InvoiceService
 from worker.store import keys
 from worker.store.invoices import decode_stored, parse_ledger_line
+from worker.store.schedules import count_due
+from worker.store.streams import stream_backlog
 
 Client = TestClient[Any, Any]
 NOW = 1_800_000_000  # a fixed "now" for observed_at values well in the future
@@ -64,7 +66,7 @@ async def test_accepted_callback_is_queued(client: Client, redis: aioredis.Redis
     status, body = await processing_post(client, deposit("bc1qnobody", "0.1"))
     assert status == 200
     assert body["data"]["queued"] == 1
-    assert await redis.xlen(keys.UPDATES) == 1
+    assert await stream_backlog(redis) == 1
 
 
 @pytest.mark.parametrize(
@@ -93,7 +95,7 @@ async def test_bad_signature_queues_nothing(
         "error": "Bad signature header",
         "code": "bad_header_signature",
     }
-    assert await redis.exists(keys.UPDATES) == 0
+    assert await stream_backlog(redis) == 0
 
 
 @pytest.mark.parametrize(
@@ -147,7 +149,7 @@ async def test_wrong_shape_is_a_field_error(
     status, body = await processing_post(client, {**deposit("bc1qx", "0.1"), **change})
     assert status == 400
     assert field in body["errors"], body
-    assert await redis.exists(keys.UPDATES) == 0
+    assert await stream_backlog(redis) == 0
 
 
 async def test_bad_json_and_oversize_queue_nothing(client: Client, redis: aioredis.Redis) -> None:
@@ -169,7 +171,7 @@ async def test_bad_json_and_oversize_queue_nothing(client: Client, redis: aiored
         headers=signed_headers(PROCESSING_KEY, PROCESSING_SECRET, big),
     )
     assert response.status == 413
-    assert await redis.exists(keys.UPDATES) == 0
+    assert await stream_backlog(redis) == 0
 
 
 # --------------------------------------------------------------------------- applying
@@ -254,7 +256,7 @@ async def test_redelivered_updates_change_nothing(
     )
     assert after == before
     assert ingest.stats.unchanged == 6
-    assert await redis.xlen(keys.UPDATES) == 0  # applied entries are deleted
+    assert await stream_backlog(redis) == 0  # applied entries are deleted
 
 
 async def test_instalments_each_get_a_callback(
@@ -302,7 +304,10 @@ async def test_fill_or_kill_underpayment_fails_at_once(
     mail = json.loads(await redis.hget(keys.mails(invoice["id"]), "underpaid"))
     assert mail["kind"] == "payback_guideline"
     assert mail["received"] == "0.00010000"
-    assert await redis.zscore(keys.MAIL_DUE, f"{invoice['id']}:underpaid") is not None
+    assert (
+        await redis.zscore(keys.mail_due_of(invoice["id"]), f"{invoice['id']}:underpaid")
+        is not None
+    )
 
 
 async def test_compliance_flag_fails_with_refund_claim(
@@ -401,6 +406,21 @@ async def test_orphan_deposit_is_kept(
     assert ingest.stats.orphans == 2
 
 
+async def test_deposit_to_an_address_claimed_by_a_lost_confirm_is_an_orphan(
+    client: Client, merchant: Merchant, service: InvoiceService, ingest: Ingest
+) -> None:
+    """An owner key whose commit never happened (a lost confirm race) does not pay that invoice."""
+    invoice = await new_invoice(client, merchant, "lost", timer=False)
+    claimed = "bc1qcr8te4kr609gcawutmrza0j4xv80jy8z306fyu"
+    # The claim is written before the commit that would assign the address; that commit lost.
+    await service.store.claim_address(invoice["id"], "BTC", claimed)
+    await send(client, deposit(claimed, "0.2", tx_id=78))
+    await drain(ingest)
+    assert ingest.stats.orphans == 1
+    data = await status_of(client, merchant, "lost")
+    assert (data["status"], data["transactions"]) == (invoice["status"], [])
+
+
 async def test_address_spelling_is_normalized(
     client: Client, merchant: Merchant, ingest: Ingest
 ) -> None:
@@ -435,12 +455,14 @@ async def test_dead_consumers_entries_are_reclaimed(
     )
     app_redis = client.server.app[appkeys.REDIS]
     await ensure_group(app_redis)
-    taken = await app_redis.xreadgroup(keys.UPDATES_GROUP, "crashed", {keys.UPDATES: ">"}, count=10)
+    partition = keys.address_partition("BTC", invoice["address"])
+    stream = keys.updates(partition)
+    taken = await app_redis.xreadgroup(keys.UPDATES_GROUP, "crashed", {stream: ">"}, count=10)
     assert taken  # the crashed consumer took the entry and then died
     survivor = Ingest(app_redis, service, consumer="survivor", reclaim_idle_ms=0)
-    assert await survivor.reclaim() == 1
+    assert await survivor.reclaim(partition) == 1
     assert (await status_of(client, merchant, "reclaim"))["status"] == "processing"
-    assert await redis.xpending(keys.UPDATES, keys.UPDATES_GROUP) == {
+    assert await redis.xpending(stream, keys.UPDATES_GROUP) == {
         "pending": 0,
         "min": None,
         "max": None,
@@ -483,7 +505,10 @@ async def test_timer_expires_an_unpaid_invoice(
 ) -> None:
     """The sweep fails an invoice whose expires_at + grace passed, and removes its timer."""
     invoice = await new_invoice(client, merchant, "expire")
-    assert await redis.zscore(keys.TIMERS, invoice["id"]) == invoice["release_at"] + 30
+    assert (
+        await redis.zscore(keys.timers_of(invoice["id"]), invoice["id"])
+        == invoice["release_at"] + 30
+    )
     clock = service.clock
     service.clock = lambda: invoice["release_at"] + 29
     try:
@@ -495,7 +520,7 @@ async def test_timer_expires_an_unpaid_invoice(
         service.clock = clock
     data = await status_of(client, merchant, "expire")
     assert (data["status"], data["error"]) == ("failed", "Timer expired. User not paid.")
-    assert await redis.zscore(keys.TIMERS, invoice["id"]) is None
+    assert await redis.zscore(keys.timers_of(invoice["id"]), invoice["id"]) is None
 
 
 async def test_a_stray_timer_entry_heals_itself(
@@ -503,9 +528,12 @@ async def test_a_stray_timer_entry_heals_itself(
 ) -> None:
     """A timer entry earlier than its invoice's deadline changes nothing and is reset to it."""
     invoice = await new_invoice(client, merchant, "stray")
-    await redis.zadd(keys.TIMERS, {str(invoice["id"]): 1})
+    await redis.zadd(keys.timers_of(invoice["id"]), {str(invoice["id"]): 1})
     assert await service.fire_due_timers() == 0
-    assert await redis.zscore(keys.TIMERS, invoice["id"]) == invoice["release_at"] + 30
+    assert (
+        await redis.zscore(keys.timers_of(invoice["id"]), invoice["id"])
+        == invoice["release_at"] + 30
+    )
     assert (await status_of(client, merchant, "stray"))["status"] == "pending"
 
 
@@ -542,5 +570,5 @@ async def test_racing_timer_sweeps_fire_each_timer_once(
             2,
         )
         assert list(await redis.hkeys(keys.mails(inv["id"]))) == [b"timer_underpaid"]
-    assert await redis.zcard(keys.MAIL_DUE) == 20
-    assert await redis.zcard(keys.TIMERS) == 0
+    assert await count_due(redis, keys.mail_due, float("inf")) == 20
+    assert await count_due(redis, keys.timers, float("inf")) == 0

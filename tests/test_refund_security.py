@@ -22,7 +22,7 @@ from tests.support import create_payload, deposit, drain, merchant_post, process
 from worker.domain.models import EmailKind, Invoice, Merchant
 from worker.ingest.consumer import Ingest
 from worker.mail.render import render
-from worker.services.invoices import InvoiceService
+from worker.services.invoices import InvoiceNotFound, InvoiceService
 from worker.store.mails import MailRecord
 
 Client = TestClient[Any, Any]
@@ -133,6 +133,28 @@ async def test_the_invoice_link_opens_no_refund_page(
         assert response.status == 404
         assert response.content_type == "text/html"
     assert (await stored(service, created["id"])).refund_address is None
+
+
+async def test_an_index_key_left_by_a_lost_commit_opens_no_refund_page(
+    client: Client, merchant: Merchant, ingest: Ingest, service: InvoiceService
+) -> None:
+    """The refund-token key is written before its commit: one whose invoice lacks it is a 404."""
+    created = await underpaid(client, merchant, ingest, "leftover-1")
+    issued = (await stored(service, created["id"])).refund_token
+    assert issued is not None
+    # A claim whose commit was lost (a crash, or a retry that drew another token).
+    leftover = "L" * 32
+    await service.store.claim_refund_token(created["id"], leftover)
+    assert (await client.get(f"/refund/{leftover}")).status == 404
+    with pytest.raises(InvoiceNotFound):
+        await service.by_refund_token(leftover)
+    token_field = await form_token(client, f"/refund/{issued}")
+    response = await client.post(
+        f"/refund/{leftover}", data={"address": THIEF_BTC, csrf.FIELD: token_field}
+    )
+    assert response.status == 404
+    assert (await stored(service, created["id"])).refund_address is None
+    assert (await client.get(f"/refund/{issued}")).status == 200
 
 
 async def test_invoice_page_carries_no_refund_link(

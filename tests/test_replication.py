@@ -39,6 +39,7 @@ from worker.outbox.delivery import Deliverer
 from worker.store import keys
 from worker.store.connection import ReplicationTimeout, connect, replicated
 from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.streams import stream_backlog
 
 # WAIT gives up after this long in these tests (milliseconds): short, the replica is stopped.
 WAIT_MS = 300
@@ -107,7 +108,7 @@ async def test_processing_callback_is_503_until_a_replica_confirms(
         pair.resume(pair.replicas[0])
     assert (await ha_client.post(path, data=body, headers=headers)).status == 200
     # The unacknowledged append is in the stream too; applying it twice is a no-op.
-    assert await primary.xlen(keys.UPDATES) == 3
+    assert await stream_backlog(primary) == 3
 
 
 async def test_create_is_503_without_a_replica_and_its_retry_creates_nothing_twice(
@@ -253,18 +254,19 @@ async def test_worker_batch_stays_pending_while_no_replica_confirms_its_commit(
     app = ha_client.server.app
     ingest = Ingest(app[appkeys.REDIS], app[appkeys.SERVICE], consumer="t", reclaim_idle_ms=0)
     await ensure_group(primary)
-    entries = await ingest.read(backlog=False)
+    partition = keys.address_partition("BTC", invoice["address"])
+    entries = await ingest.read(partition, backlog=False)
     assert len(entries) == 1
     pair.pause(pair.replicas[0])
     try:
         with pytest.raises(ReplicationTimeout):
-            await ingest.process(entries)
+            await ingest.process(partition, entries)
     finally:
         pair.resume(pair.replicas[0])
-    pending = await primary.xpending(keys.UPDATES, keys.UPDATES_GROUP)
+    pending = await primary.xpending(keys.updates(partition), keys.UPDATES_GROUP)
     assert pending["pending"] == 1
-    await ingest.process(await ingest.read(backlog=True))
-    pending = await primary.xpending(keys.UPDATES, keys.UPDATES_GROUP)
+    await ingest.process(partition, await ingest.read(partition, backlog=True))
+    pending = await primary.xpending(keys.updates(partition), keys.UPDATES_GROUP)
     assert pending["pending"] == 0
     stored = await app[appkeys.SERVICE].store.get(invoice["id"])
     assert stored is not None and stored.invoice.status.value == "processing"

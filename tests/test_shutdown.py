@@ -29,12 +29,14 @@ from worker.app.runtime import invoice_service
 from worker.config import Settings
 from worker.domain.models import Merchant
 from worker.ingest.consumer import ensure_group
-from worker.ingest.enqueue import enqueue
+from worker.ingest.enqueue import enqueue, queued
 from worker.store import keys
-from worker.store.codec import dump_update, load_update
+from worker.store.codec import load_update
 from worker.store.deliveries import delivery_log
 from worker.store.merchants import MerchantStore, make_merchant
 from worker.store.redis_server import RedisServer
+from worker.store.streams import all_entries
+from worker.store.streams import group_consumers as all_group_consumers
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +108,7 @@ async def test_receiver_drains_then_finishes_in_flight_requests_and_exits_0(
     assert code == 0
     assert DRAIN_SECONDS - 0.1 <= closed_after < PAUSE_SECONDS
     assert stopped_after < SHUTDOWN_SECONDS + 1.0  # + the interpreter's own exit
-    queued = [load_update(f[b"u"]).tx_id for _, f in await redis.xrange(keys.UPDATES)]
+    queued = [load_update(f[b"u"]).tx_id for _, f in await all_entries(redis)]
     assert queued == [77]
 
 
@@ -131,8 +133,7 @@ async def test_a_second_signal_cuts_the_receivers_drain_short(
 
 async def group_consumers(redis: aioredis.Redis) -> dict[str, int]:
     """The updates group's consumers and how many entries each holds unacknowledged."""
-    consumers = await redis.xinfo_consumers(keys.UPDATES, keys.UPDATES_GROUP)
-    return {info["name"].decode(): info["pending"] for info in consumers}
+    return await all_group_consumers(redis)
 
 
 async def test_worker_finishes_its_batch_leaves_the_group_and_exits_0(
@@ -146,8 +147,8 @@ async def test_worker_finishes_its_batch_leaves_the_group_and_exits_0(
     rng = random.Random(11)
     service = invoice_service(redis, settings)
     plans = await create_plans(service, merchant, 100, rng)
-    entries = [dump_update(u) for plan in plans for u in plan.updates]
-    entries += [dump_update(u) for u in rng.choices([u for p in plans for u in p.updates], k=3000)]
+    entries = [queued(u) for plan in plans for u in plan.updates]
+    entries += [queued(u) for u in rng.choices([u for p in plans for u in p.updates], k=3000)]
     rng.shuffle(entries)
     await ensure_group(redis)
     env = processes.child_env(redis_server.url, COINVOICE_SHUTDOWN_SECONDS=str(SHUTDOWN_SECONDS))
@@ -234,8 +235,8 @@ async def test_a_killed_workers_consumer_is_removed_once_its_entries_are_claimed
     rng = random.Random(12)
     service = invoice_service(redis, settings)
     plans = await create_plans(service, merchant, 100, rng)
-    entries = [dump_update(u) for plan in plans for u in plan.updates]
-    entries += [dump_update(u) for u in rng.choices([u for p in plans for u in p.updates], k=3000)]
+    entries = [queued(u) for plan in plans for u in plan.updates]
+    entries += [queued(u) for u in rng.choices([u for p in plans for u in p.updates], k=3000)]
     await ensure_group(redis)
     env = processes.child_env(redis_server.url)
     victim = processes.worker(env, tmp_path, 0)

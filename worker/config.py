@@ -69,6 +69,15 @@ class Settings(BaseSettings):
     # A write is acknowledged (200, or a callback sent) only once this many replicas
     # hold it (Redis WAIT); fewer within redis_wait_timeout_ms (milliseconds) is a 503.
     redis_min_replicas: int = Field(default=0, ge=0)
+    # Redis Cluster mode (spec §11): "host:port,host:port", any reachable nodes; set, it wins
+    # over redis_url and redis_sentinels.
+    redis_cluster_nodes: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()
+    # Partitions of the updates stream and of the invoices with their schedules (spec §11).
+    # Part of the data layout: an invoice id says its partition, so it is fixed per deployment.
+    stream_partitions: int = Field(default=16, ge=1, le=1024)
+    # Cluster mode: arq's own Redis (its queue and cron bookkeeping; nothing durable).
+    # arq speaks to one Redis, not a cluster. Unset: arq uses redis_url.
+    arq_redis_url: str | None = None
     redis_wait_timeout_ms: int = Field(default=1000, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -170,7 +179,7 @@ class Settings(BaseSettings):
             return tuple(dict.fromkeys(v.strip().lower() for v in value.split(",") if v.strip()))
         return value
 
-    @field_validator("redis_sentinels", mode="before")
+    @field_validator("redis_sentinels", "redis_cluster_nodes", mode="before")
     @classmethod
     def _sentinels(cls, value: object) -> object:
         if isinstance(value, str):

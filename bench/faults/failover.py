@@ -270,9 +270,15 @@ async def inflict(
 
 async def consumers(rig: common.Rig) -> list[str]:
     """The stream's consumers at the end: the stopped worker has left the group."""
-    rows = await rig.redis.xinfo_consumers(keys.UPDATES, keys.UPDATES_GROUP)
-    names = (row["name"] for row in rows)
-    return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    names: set[str] = set()
+    for partition in range(keys.partitions()):
+        rows = await rig.redis.xinfo_consumers(keys.updates(partition), keys.UPDATES_GROUP)
+        names.update(_text(row["name"]) for row in rows)
+    return sorted(names)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def main() -> None:

@@ -45,16 +45,27 @@ def btc_address(n: int, salt: str = "") -> str:
     return str(SegwitBech32Encoder.Encode("bc", 0, program))
 
 
-async def reserve_ids(redis: Redis, count: int) -> range:
-    """`count` fresh invoice ids in one INCRBY."""
-    last = int(await redis.incrby(keys.INVOICE_IDS, count))
-    return range(last - count + 1, last + 1)
+def foreign_id(n: int, salt: str = "") -> str:
+    return f"order-{salt}{n:08d}"
+
+
+async def reserve_ids(redis: Redis, merchant: Merchant, foreign_ids: Sequence[str]) -> list[int]:
+    """A fresh invoice id for each foreign id, in its partition (one pipelined round trip)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for fid in foreign_ids:
+            pipe.incr(keys.invoice_ids(keys.foreign_id_partition(merchant.key, fid)))
+        counters = await pipe.execute()
+    return [
+        int(n) * keys.partitions() + keys.foreign_id_partition(merchant.key, fid)
+        for n, fid in zip(counters, foreign_ids, strict=True)
+    ]
 
 
 def new_invoice(
     service: InvoiceService,
     merchant: Merchant,
     invoice_id: int,
+    fid: str,
     rng: random.Random,
     now: int,
     payment_type: PaymentType = PaymentType.FILL_OR_KILL,
@@ -66,7 +77,7 @@ def new_invoice(
         NewInvoice(
             id=invoice_id,
             merchant=merchant.key,
-            foreign_id=f"order-{salt}{invoice_id:08d}",
+            foreign_id=fid,
             token=secrets.token_urlsafe(24),
             title=f"Order {invoice_id}",
             description="",
@@ -92,7 +103,8 @@ async def store_invoices(service: InvoiceService, invoices: Iterable[Invoice]) -
             for invoice in chunk:
                 await store.queue_create(pipe, invoice)
             results = await pipe.execute()
-        bad = [r for r in results if not int(r[0])]
+        # Per invoice: the token and address lookups (True), then create.lua's [1, id].
+        bad = [r for r in results if isinstance(r, list) and not int(r[0])]
         if bad:
             raise RuntimeError(f"{len(bad)} invoices were not created (duplicate foreign ids?)")
         written += len(chunk)
@@ -107,10 +119,14 @@ async def create_invoices(
     payment_type: PaymentType = PaymentType.FILL_OR_KILL,
     salt: str = "",
 ) -> list[Invoice]:
-    """`count` pending invoices, stored; returned in id order."""
+    """`count` pending invoices, stored; returned in foreign-id order."""
     now = int(time.time())
-    ids = await reserve_ids(service.store.redis, count)
-    invoices = [new_invoice(service, merchant, i, rng, now, payment_type, salt) for i in ids]
+    fids = [foreign_id(n, salt) for n in range(count)]
+    ids = await reserve_ids(service.store.redis, merchant, fids)
+    invoices = [
+        new_invoice(service, merchant, i, fid, rng, now, payment_type, salt)
+        for i, fid in zip(ids, fids, strict=True)
+    ]
     await store_invoices(service, invoices)
     return invoices
 

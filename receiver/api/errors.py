@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from receiver.accesslog import route_pattern
 from worker.domain.addresses import NoAddressAvailable
@@ -138,7 +138,7 @@ def _from_exception(exc: Exception) -> ApiError | None:
             return ApiError(
                 503, {"error": "Invoice busy, retry", "code": "conflict"}, {"Retry-After": "1"}
             )
-        case RedisError() | OSError():
+        case RedisError() | RedisClusterException() | OSError():
             # Redis unreachable (redis-py raises a bare OSError when re-opening a pooled
             # connection fails) or ReplicationTimeout: the caller's retry is harmless.
             log.warning("redis_unavailable", error=type(exc).__name__)

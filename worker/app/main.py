@@ -28,18 +28,20 @@ from arq.worker import Worker
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from redis.exceptions import ConnectionError, TimeoutError
 
 from worker.app.runtime import invoice_service, warn_if_demo_keys
 from worker.config import Settings
+from worker.domain.effects import LedgerEntry
 from worker.ingest.consumer import Ingest
 from worker.logs import configure_logging, get_logger
 from worker.mail.loop import run_mail_loop
 from worker.outbox.delivery import Deliverer
+from worker.outbox.ledger import LedgerPoster
 from worker.rates.refresher import Refresher
 from worker.services.invoices import InvoiceService
 from worker.store import keys
-from worker.store.connection import REDIS_RETRIES, connect, redis_url
+from worker.store.connection import REDIS_RETRIES, REDIS_UNAVAILABLE, connect, redis_url
 
 log = get_logger(__name__)
 
@@ -72,6 +74,7 @@ class Context(TypedDict, total=False):
     refresher: Refresher
     name: str
     tasks: list[asyncio.Task[None]]
+    ledger: LedgerPoster
     stop_mail: asyncio.Event
 
 
@@ -89,11 +92,15 @@ async def _heartbeat(ctx: Context) -> None:
     redis, name = ctx["store_redis"], ctx["name"]
     while True:
         loops = [task for task in ctx["tasks"] if task.get_name() != "heartbeat"]
-        dead = [task.get_name() for task in loops if task.done()]
+        dead = [task for task in loops if task.done()]
         if dead:
-            log.error("worker_loop_died", loops=dead)
+            log.error(
+                "worker_loop_died",
+                loops=[task.get_name() for task in dead],
+                errors=[repr(task.exception()) for task in dead if not task.cancelled()],
+            )
         else:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_UNAVAILABLE):
                 await redis.zadd(keys.WORKERS, {name: time.time()})
         await asyncio.sleep(HEARTBEAT_SECONDS)
 
@@ -111,6 +118,11 @@ async def _deliver(ctx: Context) -> None:
 async def _mail(ctx: Context) -> None:
     """Send due customer e-mails (worker/mail/loop.py)."""
     await run_mail_loop(ctx["store_redis"], ctx["service"], ctx["settings"], stop=ctx["stop_mail"])
+
+
+async def _ledger(ctx: Context) -> None:
+    """Post committed ledger entries to the merchants' balances (worker/outbox/ledger.py)."""
+    await ctx["ledger"].run()
 
 
 async def _rates(ctx: Context) -> None:
@@ -135,6 +147,7 @@ LOOPS: list[tuple[str, Callable[[Context], Coroutine[Any, Any, None]]]] = [
     ("ingest", _ingest),
     ("delivery", _deliver),
     ("mail", _mail),
+    ("ledger", _ledger),
     ("stats", _log_stats),
 ]
 
@@ -159,6 +172,13 @@ async def startup(ctx: Context) -> None:
     # A snapshot committed in this process is delivered without waiting for the next poll.
     ctx["service"].listeners.append(
         lambda transition: deliverer.wake() if transition.callback else None
+    )
+    # Ledger entries committed here are posted to the balances without waiting for a poll.
+    poster = ctx["ledger"] = LedgerPoster(redis, ctx["service"].store.scripts)
+    ctx["service"].listeners.append(
+        lambda transition: (
+            poster.wake() if any(isinstance(e, LedgerEntry) for e in transition.effects) else None
+        )
     )
     loops = list(LOOPS)
     if settings.live_rates:
@@ -197,7 +217,7 @@ async def shutdown(ctx: Context) -> None:
         await ctx["deliverer"].close(budget - (time.monotonic() - started))
     redis = ctx.get("store_redis")
     if redis is not None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
             await redis.zrem(keys.WORKERS, ctx["name"])
             if "ingest" in ctx:
                 left = await ctx["ingest"].leave_group()
@@ -210,13 +230,29 @@ async def shutdown(ctx: Context) -> None:
     )
 
 
+class ArqRedisMissing(RuntimeError):
+    """Cluster mode without COINVOICE_ARQ_REDIS_URL."""
+
+
 def arq_redis_settings(settings: Settings) -> RedisSettings:
     """arq's connection to the same Redis as ours, retrying through a restart like ours.
+
+    In cluster mode arq gets a small Redis of its own (COINVOICE_ARQ_REDIS_URL):
+    arq's client talks to one server, and what it keeps there (its queue, the
+    cron job's uniqueness key, results) is bookkeeping only; the timers it
+    sweeps live in the cluster. Losing that Redis loses no invoice state.
 
     In Sentinel mode arq asks the Sentinels for the primary on every
     connection (arq's own sentinel support), so it follows a failover too.
     """
-    if settings.redis_sentinels:
+    if settings.arq_redis_url:
+        base = RedisSettings.from_dsn(settings.arq_redis_url)
+    elif settings.redis_cluster_nodes:
+        raise ArqRedisMissing(
+            "cluster mode: arq speaks to one Redis, not a cluster;"
+            " set COINVOICE_ARQ_REDIS_URL to a small Redis of its own"
+        )
+    elif settings.redis_sentinels:
         base = RedisSettings(
             host=list(settings.redis_sentinels),
             sentinel=True,
@@ -245,7 +281,7 @@ class ResilientWorker(Worker):
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
-        except (RedisError, OSError) as exc:
+        except REDIS_UNAVAILABLE as exc:
             log.warning("arq_poll_redis_error", error=repr(exc))
 
 
@@ -294,7 +330,7 @@ async def check(settings: Settings, host: str | None = None) -> bool:
         if host is not None:
             alive = [name for name in alive if name.decode().rpartition(":")[0] == host]
         return bool(alive)
-    except (RedisError, OSError):
+    except REDIS_UNAVAILABLE:
         return False
     finally:
         await redis.aclose()

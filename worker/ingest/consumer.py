@@ -1,8 +1,9 @@
 """Applying processing updates: a Redis-stream consumer that works in batches.
 
-The receiver `enqueue`s each transaction update into the `cv:updates` stream
-and answers 200 only then. Every worker reads the stream through one consumer
-group, in batches:
+The receiver `enqueue`s each transaction update into the partition of the
+updates stream its deposit address belongs to (worker/store/streams.py) and
+answers 200 only then. Every worker reads every partition through its
+consumer group (one reader task per partition), in batches:
 
 1. parse the batch, find each update's invoice by its deposit address;
 2. read all those invoices in one pipeline;
@@ -32,7 +33,6 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
 
 from worker.domain import machine
 from worker.domain.effects import Effect
@@ -47,8 +47,10 @@ from worker.services.invoices import (
 )
 from worker.store import keys
 from worker.store.codec import dump_update, load_update
-from worker.store.connection import acknowledged, awaited
-from worker.store.invoices import Stored
+from worker.store.connection import REDIS_UNAVAILABLE, acknowledged, awaited
+from worker.store.invoices import Stored, issued_refund_token
+from worker.store.streams import ensure_group as ensure_partition_group
+from worker.store.streams import ensure_groups
 
 log = get_logger(__name__)
 
@@ -68,12 +70,8 @@ Entry = tuple[bytes, dict[bytes, bytes] | None]
 
 
 async def ensure_group(redis: Redis) -> None:
-    """Create the consumer group (and the stream) unless it exists; start from the beginning."""
-    try:
-        await redis.xgroup_create(keys.UPDATES, keys.UPDATES_GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+    """Create every partition's consumer group (and stream) unless it exists."""
+    await ensure_groups(redis)
 
 
 @dataclass
@@ -90,6 +88,11 @@ class IngestStats:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+    def add(self, other: IngestStats) -> None:
+        """Add another's counters to these."""
+        for name, value in other.as_dict().items():
+            setattr(self, name, getattr(self, name) + value)
 
 
 @dataclass
@@ -112,48 +115,65 @@ class Ingest:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Consume until stopped; ride out Redis restarts; re-read our pending entries after one."""
+        """Consume every partition until stopped, one reader task each (a cluster runs each
+        on the partition's master)."""
+        readers = [
+            asyncio.create_task(self.run_partition(p), name=f"ingest-{p}")
+            for p in range(keys.partitions())
+        ]
+        try:
+            await asyncio.gather(*readers)
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+
+    async def run_partition(self, partition: int) -> None:
+        """Consume one partition until stopped; ride out Redis restarts; re-read our pending
+        entries after one."""
         failures = 0
         backlog = True  # first our own unacknowledged entries (after a restart)
         next_reclaim = 0.0
         while not self._stopping.is_set():
             try:
                 if failures or time.monotonic() >= next_reclaim:
-                    await ensure_group(self.redis)
-                    await self.reclaim()
-                    await self.forget_dead_consumers()
+                    await ensure_partition_group(self.redis, partition)
+                    await self.reclaim(partition)
+                    await self.forget_dead_consumers(partition)
                     next_reclaim = time.monotonic() + RECLAIM_EVERY_SECONDS
-                entries = await self.read(backlog)
+                entries = await self.read(partition, backlog)
                 if backlog and not entries:
                     backlog = False
                 elif entries:
-                    await self.process(entries)
+                    await self.process(partition, entries)
                 failures = 0
-            except (RedisError, OSError) as exc:
+            except REDIS_UNAVAILABLE as exc:
                 failures += 1
                 delay = min(BACKOFF_CAP_SECONDS, BACKOFF_FIRST_SECONDS * 2**failures)
-                log.warning("ingest_redis_error", error=repr(exc), retry_in_s=delay)
+                log.warning(
+                    "ingest_redis_error", partition=partition, error=repr(exc), retry_in_s=delay
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 backlog = True
 
-    async def read(self, backlog: bool) -> list[Entry]:
+    async def read(self, partition: int, backlog: bool) -> list[Entry]:
         """New entries (blocking briefly), or our own pending ones when `backlog`."""
         response = await self.redis.xreadgroup(
             keys.UPDATES_GROUP,
             self.consumer,
-            {keys.UPDATES: "0" if backlog else ">"},
+            {keys.updates(partition): "0" if backlog else ">"},
             count=self.batch,
             block=None if backlog else BLOCK_MS,
         )
         return [entry for _, entries in response for entry in entries]
 
-    async def reclaim(self) -> int:
+    async def reclaim(self, partition: int) -> int:
         """Take over entries another consumer left unacknowledged too long, and apply them."""
         start, taken = "0-0", 0
         while True:
             start, entries, *_ = await self.redis.xautoclaim(
-                keys.UPDATES,
+                keys.updates(partition),
                 keys.UPDATES_GROUP,
                 self.consumer,
                 self.reclaim_idle_ms,
@@ -162,52 +182,65 @@ class Ingest:
             )
             if entries:
                 taken += len(entries)
-                await self.process(entries, reclaimed=True)
+                await self.process(partition, entries, reclaimed=True)
             if start in (b"0-0", "0-0") or not entries:
                 break
         if taken:
-            log.warning("ingest_reclaimed", entries=taken, consumer=self.consumer)
+            log.warning(
+                "ingest_reclaimed", entries=taken, partition=partition, consumer=self.consumer
+            )
         return taken
 
-    async def forget_dead_consumers(self) -> int:
-        """Remove from the group the consumers of dead workers that hold no pending entry.
+    async def forget_dead_consumers(self, partition: int) -> int:
+        """Remove from a partition's group the consumers of dead workers that hold no entry.
 
         Their entries are claimed first (`reclaim`, after `reclaim_idle_ms`), so a
-        dead worker leaves the group on a later round; drop_consumer.lua re-checks
-        the heartbeat and the pending list in the same atomic step as the delete.
+        dead worker leaves the group on a later round. The heartbeats live in
+        another slot than the partition: they are read first, and drop_consumer.lua
+        re-checks the pending list in the same atomic step as the delete (a worker
+        alive after all recreates its consumer with its next read).
         """
-        consumers = await self.redis.xinfo_consumers(keys.UPDATES, keys.UPDATES_GROUP)
+        consumers = await self.redis.xinfo_consumers(keys.updates(partition), keys.UPDATES_GROUP)
         idle = [
             name
             for info in consumers
             if info["pending"] == 0 and (name := _text(info["name"])) != self.consumer
         ]
+        if not idle:
+            return 0
         dead_before = time.time() - self.dead_after_seconds
-        removed = [name for name in idle if await self._drop_consumer(name, dead_before)]
+        beats = await self.redis.zmscore(keys.WORKERS, idle)
+        dead = [
+            n for n, beat in zip(idle, beats, strict=True) if beat is None or beat < dead_before
+        ]
+        removed = [name for name in dead if await self._drop_consumer(partition, name)]
         if removed:
-            log.info("ingest_consumers_removed", consumers=removed)
+            log.info("ingest_consumers_removed", partition=partition, consumers=removed)
         return len(removed)
 
     async def leave_group(self) -> bool:
-        """Remove this worker's own consumer (it stops), unless entries are still pending for it.
+        """Remove this worker's own consumer from every partition (it stops), except where
+        entries are still pending for it; True when it left them all.
 
         Call it once the heartbeat is withdrawn; pending entries stay for the
         others to claim, and they remove the consumer afterwards.
         """
-        return await self._drop_consumer(self.consumer, time.time() + 1)
+        left = [await self._drop_consumer(p, self.consumer) for p in range(keys.partitions())]
+        return all(left)
 
-    async def _drop_consumer(self, name: str, dead_before: float) -> bool:
+    async def _drop_consumer(self, partition: int, name: str) -> bool:
         removed = await self.service.store.scripts.drop_consumer(
-            keys=[keys.UPDATES, keys.WORKERS], args=[keys.UPDATES_GROUP, name, dead_before]
+            keys=[keys.updates(partition)], args=[keys.UPDATES_GROUP, name]
         )
         return bool(removed)
 
-    async def process(self, entries: Sequence[Entry], reclaimed: bool = False) -> None:
-        """Apply a batch, then acknowledge it (never the other way round)."""
-        before = self.stats.as_dict()
-        self.stats.entries += len(entries)
-        if reclaimed:
-            self.stats.reclaimed += len(entries)
+    async def process(
+        self, partition: int, entries: Sequence[Entry], reclaimed: bool = False
+    ) -> None:
+        """Apply a batch of one partition, then acknowledge it (never the other way round)."""
+        # This batch's counters: the partitions' readers run concurrently, so each batch
+        # counts its own and adds them to the process's and the system-wide ones at the end.
+        batch = IngestStats(entries=len(entries), reclaimed=len(entries) if reclaimed else 0)
         updates: list[TransactionUpdate] = []
         broken: list[Entry] = []
         for entry_id, fields in entries:
@@ -225,18 +258,19 @@ class Ingest:
                 orphans.append(update)
             else:
                 by_invoice.setdefault(owner, []).append(update)
-        orphans += await self._apply(by_invoice)
-        await self._keep_orphans(orphans)
-        await self._park(broken, "unreadable entry")
+        orphans += await self._apply(by_invoice, batch)
+        await self._keep_orphans(orphans, batch)
+        await self._park(broken, "unreadable entry", batch)
         ids = [entry_id for entry_id, _ in entries]
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(keys.UPDATES, keys.UPDATES_GROUP, *ids)
-            pipe.xdel(keys.UPDATES, *ids)
+            pipe.xack(keys.updates(partition), keys.UPDATES_GROUP, *ids)
+            pipe.xdel(keys.updates(partition), *ids)
             # System-wide counters for /metrics and the crash tests.
-            for name, value in self.stats.as_dict().items():
-                if value != before[name]:
-                    pipe.hincrby(keys.INGEST_STATS, name, value - before[name])
+            for name, value in batch.as_dict().items():
+                if value:
+                    pipe.hincrby(keys.INGEST_STATS, name, value)
             await pipe.execute()
+        self.stats.add(batch)
 
     async def _find_owners(self, updates: Sequence[TransactionUpdate]) -> list[int | None]:
         pairs = [(u.currency, u.address) for u in updates]
@@ -251,7 +285,7 @@ class Ingest:
         return [self._owners.get(pair) for pair in pairs]
 
     async def _apply(
-        self, by_invoice: dict[int, list[TransactionUpdate]]
+        self, by_invoice: dict[int, list[TransactionUpdate]], stats: IngestStats
     ) -> list[TransactionUpdate]:
         """Apply and commit every invoice's updates; return those whose invoice is gone."""
         store, policy = self.service.store, self.service.policy
@@ -265,19 +299,44 @@ class Ingest:
                 if stored is None:
                     missing += updates
                     continue
+                # An owner key is written before the commit that assigns its address;
+                # if that commit never happened, the address is not the invoice's.
+                address = stored.invoice.address
+                foreign = [
+                    u
+                    for u in updates
+                    if address is None
+                    or (u.currency, u.address) != (address.currency, address.address)
+                ]
+                if foreign:
+                    missing += foreign
+                    updates = [u for u in updates if u not in foreign]
+                    pending[invoice_id] = updates
+                    if not updates:
+                        continue
                 try:
                     transition, changed = _apply_all(stored, updates, policy)
                 except Exception as exc:  # a bug must not block every other invoice
                     log.exception("ingest_apply_failed", invoice_id=invoice_id)
-                    await self._park_updates(updates, repr(exc))
+                    await self._park_updates(updates, repr(exc), stats)
                     continue
                 if changed:
                     commits.append((stored, transition, changed))
                 else:
-                    self.stats.unchanged += len(updates)
+                    stats.unchanged += len(updates)
             if not commits:
                 return missing
             now = self.service.now()
+            # Refund tokens issued here are indexed (their own slots) before the
+            # commits that store them, in a round trip of their own: rare, and a
+            # cluster pipeline would not keep the order between slots.
+            await store.claim_refund_tokens(
+                [
+                    (stored.invoice.id, token)
+                    for stored, transition, _ in commits
+                    if (token := issued_refund_token(stored, transition)) is not None
+                ]
+            )
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stored, transition, _ in commits:
                     await store.queue_commit(pipe, stored, transition, now)
@@ -289,17 +348,17 @@ class Ingest:
                     lost.add(stored.invoice.id)
                     continue
                 updates = pending[stored.invoice.id]
-                self.stats.applied += changed
-                self.stats.unchanged += len(updates) - changed
+                stats.applied += changed
+                stats.unchanged += len(updates) - changed
                 log_change(stored, transition, "TransactionUpdate", updates=len(updates))
                 self.service.committed(transition)
-            self.stats.conflicts += len(lost)
+            stats.conflicts += len(lost)
             pending = {i: pending[i] for i in lost}
             if not pending:
                 return missing
         raise RuntimeError(f"invoices {sorted(pending)} kept losing the compare-and-set")
 
-    async def _keep_orphans(self, orphans: Sequence[TransactionUpdate]) -> None:
+    async def _keep_orphans(self, orphans: Sequence[TransactionUpdate], stats: IngestStats) -> None:
         """Record deposits no invoice owns: one field per distinct update (idempotent)."""
         if not orphans:
             return
@@ -308,7 +367,7 @@ class Ingest:
             for u in orphans
         }
         await awaited(self.redis.hset(keys.ORPHANS, mapping=fields))
-        self.stats.orphans += len(orphans)
+        stats.orphans += len(orphans)
         for u in orphans:
             log.warning(
                 "orphan_deposit",
@@ -318,7 +377,7 @@ class Ingest:
                 status=u.status,
             )
 
-    async def _park(self, entries: Sequence[Entry], reason: str) -> None:
+    async def _park(self, entries: Sequence[Entry], reason: str, stats: IngestStats) -> None:
         """Keep entries that cannot be read for an operator, instead of retrying forever."""
         if entries:
             await self._keep_parked(
@@ -329,9 +388,12 @@ class Ingest:
                     for entry_id, f in entries
                 },
                 reason,
+                stats,
             )
 
-    async def _park_updates(self, updates: Sequence[TransactionUpdate], reason: str) -> None:
+    async def _park_updates(
+        self, updates: Sequence[TransactionUpdate], reason: str, stats: IngestStats
+    ) -> None:
         """Keep updates whose application failed (a bug) for an operator to replay."""
         await self._keep_parked(
             {
@@ -339,14 +401,15 @@ class Ingest:
                 for u in updates
             },
             reason,
+            stats,
         )
 
-    async def _keep_parked(self, payloads: dict[str, str], reason: str) -> None:
+    async def _keep_parked(self, payloads: dict[str, str], reason: str, stats: IngestStats) -> None:
         record = {
             key: json.dumps({"reason": reason, "payload": value}) for key, value in payloads.items()
         }
         await awaited(self.redis.hset(keys.UPDATES_PARKED, mapping=record))
-        self.stats.parked += len(payloads)
+        stats.parked += len(payloads)
         log.error("ingest_parked", entries=len(payloads), reason=reason)
 
 

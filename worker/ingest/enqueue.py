@@ -1,13 +1,18 @@
-"""Appending processing updates to the `cv:updates` stream, concurrent requests sharing round trips.
+"""Appending processing updates to the partitioned updates stream, requests sharing round trips.
 
 Every accepted callback must be in the stream before its 200 (spec §8), so
-each request waits for its own XADD. Sending each in its own MULTI costs a
-Redis round trip and much of the receiver's CPU per request; instead the
-requests that arrive while one round trip is in flight go together in the
-next append (append.lua, all or none), and each gets its own entry ids back
-(worker/store/batching.py). With COINVOICE_REDIS_MIN_REPLICAS the append is
-followed by WAIT on the same connection, so the 200s leave only once the
-replicas hold the entries.
+each request waits for its own XADD. Sending each on its own costs a Redis
+round trip and much of the receiver's CPU per request; instead the requests
+that arrive while one round trip is in flight go together in the next
+append (worker/store/batching.py), and each gets its own entry ids back.
+
+An update goes to the partition of its deposit address (worker/store/streams.py).
+Each partition's share is one append.lua call (all or none); a flush sends
+one call per partition in one pipeline (per node on a cluster). A flush that
+fails part-way answers every request in it with an error, and the caller's
+retry appends again: applying is idempotent. With COINVOICE_REDIS_MIN_REPLICAS
+the append is followed by WAIT, so the 200s leave only once the replicas hold
+the entries.
 """
 
 from __future__ import annotations
@@ -26,40 +31,60 @@ from worker.store.scripts import Scripts
 # Requests whose updates go into one append at most; more wait for the next one.
 MAX_BATCH = 256
 
+# An update ready to append: its partition and its encoded form.
+Queued = tuple[int, bytes]
+
+
+def queued(update: TransactionUpdate) -> Queued:
+    """An update with the partition of its deposit address."""
+    return keys.address_partition(update.currency, update.address), dump_update(update)
+
 
 async def enqueue(
-    redis: Redis, payloads: Sequence[bytes], scripts: Scripts | None = None
+    redis: Redis, items: Sequence[Queued], scripts: Scripts | None = None
 ) -> list[str]:
-    """Append updates to the stream in one step (all or none); return their entry ids.
+    """Append updates to their partitions (all or none per partition); return their entry ids.
 
     Returns once the required replicas hold them (else ReplicationTimeout).
     A retry after a lost reply or a timeout may append them twice; applying
     is idempotent.
     """
     scripts = scripts or Scripts(redis)
+    by_partition: dict[int, list[int]] = {}
+    for index, (partition, _) in enumerate(items):
+        by_partition.setdefault(partition, []).append(index)
     async with redis.pipeline(transaction=False) as pipe:
-        await scripts.append(keys=[keys.UPDATES], args=list(payloads), client=pipe)
-        [ids] = await acknowledged(redis, pipe)
-    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        for partition, indexes in by_partition.items():
+            await scripts.append(
+                keys=[keys.updates(partition)],
+                args=[items[i][1] for i in indexes],
+                client=pipe,
+            )
+        replies = await acknowledged(redis, pipe)
+    ids = [""] * len(items)
+    for indexes, reply in zip(by_partition.values(), replies, strict=True):
+        for index, entry_id in zip(indexes, reply, strict=True):
+            ids[index] = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return ids
 
 
 class Enqueuer:
-    """Appends updates to the `cv:updates` stream for many concurrent requests at once."""
+    """Appends updates to the updates stream for many concurrent requests at once."""
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._scripts = Scripts(redis)
-        self._batches: GroupCommit[Sequence[bytes], list[str]] = GroupCommit(
+        self._batches: GroupCommit[Sequence[Queued], list[str]] = GroupCommit(
             self._append, MAX_BATCH
         )
 
     async def enqueue(self, updates: Sequence[TransactionUpdate]) -> list[str]:
-        """Append `updates` (all or none); return their entry ids once Redis has them."""
-        return await self._batches.submit([dump_update(u) for u in updates])
+        """Append `updates`; return their entry ids once Redis has them."""
+        return await self._batches.submit([queued(u) for u in updates])
 
-    async def _append(self, groups: list[Sequence[bytes]]) -> list[list[str]]:
-        payloads = [payload for group in groups for payload in group]
-        ids = await enqueue(self.redis, payloads, self._scripts)
+    async def _append(self, groups: list[Sequence[Queued]]) -> list[list[str]]:
+        items = [item for group in groups for item in group]
+        ids = await enqueue(self.redis, items, self._scripts)
         out, start = [], 0
         for group in groups:
             out.append(ids[start : start + len(group)])

@@ -33,13 +33,12 @@ from email.utils import parseaddr
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from worker.config import Settings
 from worker.domain.models import Invoice
 from worker.logs import get_logger
 from worker.store import keys
-from worker.store.connection import awaited, replicated
+from worker.store.connection import REDIS_UNAVAILABLE, awaited, replicated
 
 if TYPE_CHECKING:
     from worker.services.invoices import InvoiceService
@@ -62,6 +61,7 @@ from worker.store.mails import (
     MailState,
     load_record,
     parse_member,
+    unschedule,
 )
 
 log = get_logger(__name__)
@@ -164,13 +164,13 @@ class Mailer:
             invoice_id, cause = parse_member(taken)
         except ValueError:
             log.error("mail_bad_due_entry", member=taken)
-            await self.redis.zrem(keys.MAIL_DUE, taken)
+            await unschedule(self.redis, taken)
             return None
         for _ in range(RECORD_CAS_ATTEMPTS):
             raw = await awaited(self.redis.hget(keys.mails(invoice_id), cause))
             if raw is None:
                 log.error("mail_record_missing", invoice_id=invoice_id, cause=cause)
-                await self.redis.zrem(keys.MAIL_DUE, taken)
+                await unschedule(self.redis, taken)
                 return None
             record = load_record(raw)
             if record.state.is_final or record.state is MailState.WAITING_FOR_ADDRESS:
@@ -325,7 +325,7 @@ async def run_mail_loop(
             result = await mailer.run_pass()
             failures = 0
             delay = 0.0 if result.claimed >= mailer.batch else POLL_SECONDS
-        except (RedisError, OSError) as exc:
+        except REDIS_UNAVAILABLE as exc:
             failures += 1
             delay = min(LOOP_BACKOFF_CAP_SECONDS, POLL_SECONDS * 2**failures)
             log.warning("mail_loop_redis_error", error=repr(exc), retry_in_s=delay)

@@ -32,7 +32,6 @@ from typing import Any
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from worker.config import Settings
 from worker.domain.models import Invoice, Merchant
@@ -50,10 +49,11 @@ from worker.outbox.webhooks import headers
 from worker.services.invoices import bound
 from worker.store import keys
 from worker.store.batching import GroupCommit
-from worker.store.connection import replicated
+from worker.store.connection import REDIS_UNAVAILABLE, replicated
 from worker.store.deliveries import Outcome, record_call
 from worker.store.invoices import InvoiceStore
 from worker.store.merchants import MerchantStore
+from worker.store.schedules import claim_due
 
 log = get_logger(__name__)
 
@@ -141,7 +141,7 @@ class Deliverer:
         """
         waiting = [invoice.id for line in self._waiting.values() for invoice, _, _ in line]
         self._waiting.clear()
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
             await self._reschedule([], waiting)
         if self._tasks and grace_seconds > 0:
             await asyncio.wait(list(self._tasks), timeout=grace_seconds)
@@ -160,7 +160,7 @@ class Deliverer:
         while not self._stopping:
             try:
                 await self.deliver_due()
-            except (RedisError, OSError) as exc:
+            except REDIS_UNAVAILABLE as exc:
                 log.warning("delivery_redis_error", error=repr(exc))
                 await asyncio.sleep(REDIS_BACKOFF_SECONDS)
             with contextlib.suppress(TimeoutError):
@@ -181,8 +181,13 @@ class Deliverer:
             return 0
         now = self.clock()
         lease_end = now + self.settings.callback_timeout_seconds + LEASE_MARGIN_SECONDS
-        claimed = await self.store.scripts.claim_due(
-            keys=[keys.DELIVERY_DUE], args=[now, lease_end, min(free, CLAIM_BATCH)]
+        claimed = await claim_due(
+            self.redis,
+            self.store.scripts.claim_due,
+            keys.delivery_due,
+            now,
+            lease_end,
+            min(free, CLAIM_BATCH),
         )
         if not claimed:
             return 0
@@ -239,10 +244,11 @@ class Deliverer:
             return
         at = self.clock() + BUSY_MERCHANT_DELAY_SECONDS
         async with self.redis.pipeline(transaction=False) as pipe:
-            if gone:
-                pipe.zrem(keys.DELIVERY_DUE, *gone)
-            if later:
-                pipe.zadd(keys.DELIVERY_DUE, {str(i): at for i in later}, xx=True)
+            for invoice_id in gone:
+                pipe.zrem(keys.delivery_due(keys.invoice_partition(invoice_id)), invoice_id)
+            for invoice_id in later:
+                due = keys.delivery_due(keys.invoice_partition(invoice_id))
+                pipe.zadd(due, {str(invoice_id): at}, xx=True)
             await pipe.execute()
 
     def _finished(self, task: asyncio.Task[None]) -> None:

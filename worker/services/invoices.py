@@ -168,7 +168,7 @@ class InvoiceService:
             address = await self.addresses.allocate(request.sender_currency)
         invoice = machine.create(
             NewInvoice(
-                id=await self.store.next_id(),
+                id=await self.store.next_id(merchant.key, request.foreign_id),
                 merchant=merchant.key,
                 foreign_id=request.foreign_id,
                 token=new_token(),
@@ -260,10 +260,16 @@ class InvoiceService:
         return stored
 
     async def by_refund_token(self, refund_token: str) -> Stored:
-        """The invoice whose refund page this is; unknown until a refund or payback is owed."""
+        """The invoice whose refund page this is; unknown until a refund or payback is owed.
+
+        The index key is written before the commit that stores the token on the
+        invoice (another slot): a key left by a commit that was then lost (a
+        crash, or a lost compare-and-set whose retry drew another token) names
+        an invoice that does not hold the token, and opens nothing.
+        """
         invoice_id = await self.store.id_by_refund_token(refund_token)
         stored = None if invoice_id is None else await self.store.get(invoice_id)
-        if stored is None:
+        if stored is None or stored.invoice.refund_token != refund_token:
             raise InvoiceNotFound(refund_token)
         return stored
 

@@ -22,22 +22,21 @@ from worker.store.codec import load_update
 from worker.store.connection import awaited
 from worker.store.deliveries import delivery_log
 from worker.store.invoices import Stored
+from worker.store.ledger import pending_entries
 from worker.store.rates import SourceHealth, read_prices, source_health
+from worker.store.schedules import count_due
+from worker.store.streams import stream_backlog
 
 
 async def backlog(redis: Redis, now: int) -> dict[str, int]:
-    """Work waiting in Redis: stream length, and callbacks, timers and mails due by `now`."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xlen(keys.UPDATES)
-        pipe.zcount(keys.DELIVERY_DUE, "-inf", now)
-        pipe.zcount(keys.TIMERS, "-inf", now)
-        pipe.zcount(keys.MAIL_DUE, "-inf", now)
-        updates, deliveries, timers, mails = await pipe.execute()
+    """Work waiting in Redis, summed over the partitions: stream entries, ledger entries
+    not yet on the balances, and callbacks, timers and mails due by `now`."""
     return {
-        "updates": updates,
-        "callbacks_due": deliveries,
-        "timers_due": timers,
-        "mails_due": mails,
+        "updates": await stream_backlog(redis),
+        "ledger_entries": await pending_entries(redis),
+        "callbacks_due": await count_due(redis, keys.delivery_due, now),
+        "timers_due": await count_due(redis, keys.timers, now),
+        "mails_due": await count_due(redis, keys.mail_due, now),
     }
 
 
@@ -93,7 +92,7 @@ def settlement(invoice: Invoice) -> dict[str, str] | None:
 async def invoice_details(redis: Redis, stored: Stored) -> dict[str, Any]:
     """The merchant's view of one invoice plus what only operators see."""
     invoice = stored.invoice
-    timer = await redis.zscore(keys.TIMERS, invoice.id)
+    timer = await redis.zscore(keys.timers(keys.invoice_partition(invoice.id)), invoice.id)
     mails = await awaited(redis.hgetall(keys.mails(invoice.id)))
     return snapshot(invoice) | {
         "version": stored.version,

@@ -1,4 +1,4 @@
-"""The Redis client of every process: one Redis or Sentinel, and replica acknowledgements.
+"""The Redis client of every process: one Redis, Sentinel or a Cluster; replica acknowledgements.
 
 `connect(settings)` is the only place a process builds its client (receiver,
 worker, CLI); `arq_redis_settings` in worker/app/main.py gives arq the same
@@ -7,6 +7,14 @@ it (re)connects, so after a failover a process finds the new primary by
 itself: a command on a dead or demoted primary fails with a connection error,
 is retried with capped backoff, and the retry connects to whatever primary
 the Sentinels name by then.
+
+With COINVOICE_REDIS_CLUSTER_NODES the client is redis-py's RedisCluster
+(`connect_cluster`): it learns the slot map from any node, sends each command
+to its slot's master, follows MOVED after a failover or resharding, and runs
+a pipeline as one pipeline per master. Every key name carries a hash tag
+(worker/store/keys.py) so each Lua script touches one slot. The code uses
+nothing a cluster refuses (MULTI across slots, multi-key commands across
+slots): the cluster variant of the scenario tests proves it.
 
 `acknowledged(redis, pipe)` runs a pipeline of writes followed by `WAIT`
 on the same connection (WAIT counts the replicas that hold *this
@@ -21,16 +29,18 @@ narrows that for mypy --strict without `type: ignore` at every call.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError, RedisClusterException, RedisError, TimeoutError
 
 from worker.config import Settings
 from worker.store import keys
@@ -48,6 +58,12 @@ REDIS_HEALTH_CHECK_SECONDS = 10
 REDIS_RETRIES = 12
 # `coinvoice up` writes the embedded Redis URL here (in the data dir), so other commands find it.
 REDIS_URL_FILE = "redis.url"
+
+
+# What a Redis outage, restart or failover raises: redis-py's errors, a cluster's slot map
+# briefly missing a slot (SlotNotCoveredError is not a RedisError), socket errors. Loops
+# back off and retry on these; the receiver answers 503.
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
 
 
 class RedisUrlMissing(RuntimeError):
@@ -119,9 +135,39 @@ def connect_url(url: str, *, max_connections: int = 256) -> Client:
     return client
 
 
+class ClusterClient(RedisCluster):
+    """redis-py's RedisCluster with the replica acknowledgements of `Client`."""
+
+    min_replicas: int = 0
+    wait_timeout_ms: int = 1000
+
+
+def connect_cluster(nodes: Sequence[tuple[str, int]], *, max_connections: int = 256) -> Client:
+    """A Redis Cluster client from any reachable nodes (COINVOICE_REDIS_CLUSTER_NODES).
+
+    Typed as `Client`: RedisCluster offers the same command methods, and the
+    code keeps to the commands a cluster can route (see the module docstring).
+    """
+    options = _options(max_connections)
+    cluster = ClusterClient(
+        startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+        max_connections=options["max_connections"],
+        socket_connect_timeout=options["socket_connect_timeout"],
+        health_check_interval=options["health_check_interval"],
+        retry=options["retry"],
+        retry_on_error=options["retry_on_error"],
+        # A failover takes the cluster-node-timeout plus an election: keep retrying
+        # through it (each retry re-reads the slot map) rather than fail at once.
+        cluster_error_retry_attempts=REDIS_RETRIES,
+    )
+    return cast(Client, cluster)
+
+
 def connect(settings: Settings, *, max_connections: int = 256) -> Client:
-    """The client of every process: Sentinel mode when Sentinels are set, else one Redis."""
-    if settings.redis_sentinels:
+    """The client of every process: Cluster, Sentinel, else one Redis (spec §11)."""
+    if settings.redis_cluster_nodes:
+        client = connect_cluster(settings.redis_cluster_nodes, max_connections=max_connections)
+    elif settings.redis_sentinels:
         sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
             list(settings.redis_sentinels),
             sentinel_kwargs={
@@ -138,6 +184,7 @@ def connect(settings: Settings, *, max_connections: int = 256) -> Client:
         client.sentinels = list(sentinel.sentinels)
     else:
         client = connect_url(redis_url(settings), max_connections=max_connections)
+    keys.use_partitions(settings.stream_partitions)
     client.min_replicas = settings.redis_min_replicas
     client.wait_timeout_ms = settings.redis_wait_timeout_ms
     return client
@@ -145,9 +192,41 @@ def connect(settings: Settings, *, max_connections: int = 256) -> Client:
 
 def _required(redis: Redis) -> tuple[int, int]:
     """(replicas, timeout ms) a write through `redis` must reach before it counts."""
-    if isinstance(redis, Client):
+    if isinstance(redis, Client | ClusterClient):
         return redis.min_replicas, redis.wait_timeout_ms
     return 0, 0
+
+
+def is_cluster(redis: Redis | RedisCluster) -> bool:
+    """Is this a Redis Cluster client?"""
+    return isinstance(redis, RedisCluster)
+
+
+def _fence_key(cluster: RedisCluster, node: ClusterNode) -> str:
+    """A key in a slot `node` serves: writing it moves that master's replication offset."""
+    for n in range(100_000):
+        key = f"{keys.FENCE}:{{f{n}}}"
+        if cluster.nodes_manager.get_node_from_slot(key_slot(key.encode())).name == node.name:
+            return key
+    raise LookupError(f"{node.name} serves no slot")
+
+
+async def _wait_cluster(cluster: RedisCluster, replicas: int, timeout_ms: int) -> None:
+    """WAIT on every master: INCR a key it serves, then WAIT, on one connection per master.
+
+    Every master is fenced, not only those a pipeline wrote to: one round trip
+    to each, in parallel, covering every write any process made there before.
+    """
+    await cluster.initialize()  # a no-op once the slot map is known; a fresh client has none
+    masters = cluster.get_primaries()
+    async with cluster.pipeline() as pipe:
+        for node in masters:
+            pipe.execute_command("INCR", _fence_key(cluster, node))
+            pipe.execute_command("WAIT", replicas, timeout_ms, target_nodes=node)
+        results = await pipe.execute()
+    confirmed = min(int(count) for count in results[1::2])
+    if confirmed < replicas:
+        raise ReplicationTimeout(replicas, confirmed)
 
 
 async def acknowledged(redis: Redis, pipe: Pipeline) -> list[Any]:
@@ -159,6 +238,10 @@ async def acknowledged(redis: Redis, pipe: Pipeline) -> list[Any]:
     when too few replicas confirmed.
     """
     replicas, timeout_ms = _required(redis)
+    if replicas and is_cluster(redis):
+        done: list[Any] = await pipe.execute()
+        await _wait_cluster(cast(RedisCluster, redis), replicas, timeout_ms)
+        return done
     if replicas:
         pipe.wait(replicas, timeout_ms)
     results: list[Any] = await pipe.execute()
@@ -178,7 +261,10 @@ async def replicated(redis: Redis) -> None:
     `cv:fence`) issued after the reads carries the primary's replication
     offset past every commit they saw. A no-op without required replicas.
     """
-    if _required(redis)[0]:
+    replicas, timeout_ms = _required(redis)
+    if replicas and is_cluster(redis):
+        await _wait_cluster(cast(RedisCluster, redis), replicas, timeout_ms)
+    elif replicas:
         async with redis.pipeline(transaction=False) as pipe:
             pipe.incr(keys.FENCE)
             await acknowledged(redis, pipe)

@@ -41,7 +41,11 @@ def record_call(
 ) -> tuple[list[str], list[str | int]]:
     """KEYS and ARGV of delivery_done.lua for one attempt at delivering `sequence`."""
     return (
-        [keys.DELIVERY_DUE, keys.delivery(invoice_id), keys.delivery_log(invoice_id)],
+        [
+            keys.delivery_due(keys.invoice_partition(invoice_id)),
+            keys.delivery(invoice_id),
+            keys.delivery_log(invoice_id),
+        ],
         [
             invoice_id,
             sequence,
@@ -118,6 +122,7 @@ async def delivery_log(redis: Redis, invoice: Invoice) -> list[dict[str, Any]]:
 async def redeliver(store: InvoiceStore, invoice: Invoice, now: int) -> int:
     """Deliver the newest snapshot again now (dead-lettered too); its sequence, 0 if none."""
     result = await store.scripts.redeliver(
-        keys=[keys.DELIVERY_DUE, keys.delivery(invoice.id)], args=[invoice.id, now]
+        keys=[keys.delivery_due(keys.invoice_partition(invoice.id)), keys.delivery(invoice.id)],
+        args=[invoice.id, now],
     )
     return int(result)

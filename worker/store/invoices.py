@@ -29,6 +29,14 @@ from worker.store.connection import acknowledged, awaited, replicated
 from worker.store.scripts import Scripts
 
 
+class AddressOwned(RuntimeError):
+    """A deposit address is owned by another invoice (allocation handed it out twice: a bug)."""
+
+
+class RefundTokenUsed(RuntimeError):
+    """A refund token is indexed to another invoice (192 random bits never collide: a bug)."""
+
+
 class DuplicateForeignId(Exception):
     """The merchant already has an invoice with this foreign id."""
 
@@ -55,6 +63,15 @@ def _int(value: bytes | None) -> int | None:
     return None if value is None else int(value)
 
 
+async def _get_all(redis: Redis, names: Sequence[str]) -> list[bytes | None]:
+    """GET of many keys in one pipelined round trip (per node on a cluster)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.get(name)
+        rows: list[bytes | None] = await pipe.execute()
+    return rows
+
+
 class InvoiceStore:
     """Reads and atomic writes of invoices; the only code that knows their Redis shape."""
 
@@ -63,11 +80,23 @@ class InvoiceStore:
         self.policy = policy
         self.scripts = Scripts(redis)
 
-    async def next_id(self) -> int:
-        return int(await self.redis.incr(keys.INVOICE_IDS))
+    async def next_id(self, merchant: str, foreign_id: str) -> int:
+        """A fresh invoice id in the partition of the foreign id (so create.lua is one slot)."""
+        partition = keys.foreign_id_partition(merchant, foreign_id)
+        n = int(await self.redis.incr(keys.invoice_ids(partition)))
+        return n * keys.partitions() + partition
 
     async def create(self, invoice: Invoice) -> None:
-        """Store a new invoice; raise `DuplicateForeignId` if the foreign id is taken."""
+        """Store a new invoice; raise `DuplicateForeignId` if the foreign id is taken.
+
+        The lookups in other slots (token, deposit address) are written first
+        and the invoice last: a crash between them leaves a lookup pointing to
+        no invoice (readers check), never an invoice that cannot be found.
+        """
+        # No WAIT for the lookups: the create's WAIT below follows them, and covers them.
+        await self.redis.set(keys.token(invoice.token), invoice.id, nx=True)
+        if invoice.address is not None:
+            await self.claim_address(invoice.id, invoice.address.currency, invoice.address.address)
         keys_, args = self.create_call(invoice)
         async with self.redis.pipeline(transaction=False) as pipe:
             await self.scripts.create(keys=keys_, args=args, client=pipe)
@@ -84,33 +113,62 @@ class InvoiceStore:
         await replicated(self.redis)
         return DuplicateForeignId(existing)
 
+    async def claim_address(self, invoice_id: int, currency: str, address: str) -> None:
+        """Make `invoice_id` the owner of a deposit address, before the write that assigns it.
+
+        Idempotent for the same invoice; an address owned by another invoice is
+        a bug in allocation (addresses are never handed out twice) and raises.
+        Not WAITed for here: the write that assigns the address is, and comes after.
+        """
+        key = keys.address(currency, address)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, invoice_id, nx=True)
+            pipe.get(key)
+            _, owner = await pipe.execute()
+        if int(owner) != invoice_id:
+            raise AddressOwned(f"{currency} {address} is owned by invoice {int(owner)}")
+
+    async def claim_refund_token(self, invoice_id: int, refund_token: str) -> None:
+        """Index a refund token to `invoice_id`, before the commit that stores it on the invoice.
+
+        The index key has its own slot (the token spreads it), so it cannot be in
+        commit.lua: written first, a crash leaves at worst a key whose invoice
+        does not hold the token, which `by_refund_token` treats as unknown.
+        Not WAITed for here: the commit that stores the token is, and comes after.
+        """
+        await self.claim_refund_tokens([(invoice_id, refund_token)])
+
+    async def claim_refund_tokens(self, claims: Sequence[tuple[int, str]]) -> None:
+        """Index many refund tokens in one round trip (see `claim_refund_token`)."""
+        if not claims:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for invoice_id, refund_token in claims:
+                pipe.set(keys.refund_token(refund_token), invoice_id, nx=True)
+                pipe.get(keys.refund_token(refund_token))
+            rows = await pipe.execute()
+        for (invoice_id, _), owner in zip(claims, rows[1::2], strict=True):
+            if int(owner) != invoice_id:
+                raise RefundTokenUsed(f"invoice {invoice_id}: token indexed to {int(owner)}")
+
     async def queue_create(self, pipe: Pipeline, invoice: Invoice) -> None:
-        """Add a create to a pipeline (bulk loads); its result is `[1, id]` or `[0, existing]`."""
+        """Add a create and its lookups to a pipeline (bulk loads); results end `[1, id]`."""
+        pipe.set(keys.token(invoice.token), invoice.id, nx=True)
+        if invoice.address is not None:
+            pipe.set(keys.address(invoice.address.currency, invoice.address.address), invoice.id)
         keys_, args = self.create_call(invoice)
         await self.scripts.create(keys=keys_, args=args, client=pipe)
 
     def create_call(self, invoice: Invoice) -> tuple[list[str], list[str | int | bytes]]:
         """KEYS and ARGV of create.lua for one new invoice."""
-        owner = (
-            keys.address(invoice.address.currency, invoice.address.address)
-            if invoice.address
-            else None
-        )
         fire_at = deadline(invoice, self.policy)
         return (
             [
                 keys.foreign_id(invoice.merchant, invoice.foreign_id),
                 keys.invoice(invoice.id),
-                keys.token(invoice.token),
-                keys.TIMERS,
-                owner or keys.invoice(invoice.id),
+                keys.timers(keys.invoice_partition(invoice.id)),
             ],
-            [
-                invoice.id,
-                dump_invoice(invoice),
-                "" if fire_at is None else fire_at,
-                "1" if owner else "0",
-            ],
+            [invoice.id, dump_invoice(invoice), "" if fire_at is None else fire_at],
         )
 
     async def get(self, invoice_id: int) -> Stored | None:
@@ -118,10 +176,13 @@ class InvoiceStore:
         return None if raw is None else decode_stored(raw)
 
     async def get_many(self, invoice_ids: Sequence[int]) -> dict[int, Stored]:
-        """Read many invoices in one round trip (missing ones are left out)."""
+        """Read many invoices in one round trip (missing ones are left out).
+
+        A pipeline of GETs rather than MGET: the invoices live in many slots.
+        """
         if not invoice_ids:
             return {}
-        rows = await self.redis.mget([keys.invoice(i) for i in invoice_ids])
+        rows = await _get_all(self.redis, [keys.invoice(i) for i in invoice_ids])
         return {
             invoice_id: decode_stored(raw)
             for invoice_id, raw in zip(invoice_ids, rows, strict=True)
@@ -141,11 +202,20 @@ class InvoiceStore:
         """Owners of (currency, address) pairs, in one round trip."""
         if not pairs:
             return []
-        owners = await self.redis.mget([keys.address(c, a) for c, a in pairs])
+        owners = await _get_all(self.redis, [keys.address(c, a) for c, a in pairs])
         return [_int(owner) for owner in owners]
 
     async def commit(self, stored: Stored, transition: Transition, now: int) -> bool:
-        """Write `transition` if the invoice is still at `stored.version`; False on a conflict."""
+        """Write `transition` if the invoice is still at `stored.version`; False on a conflict.
+
+        A deposit address the transition assigns is claimed first (another slot).
+        """
+        new = transition.invoice.address
+        if new is not None and new != stored.invoice.address:
+            await self.claim_address(transition.invoice.id, new.currency, new.address)
+        issued = issued_refund_token(stored, transition)
+        if issued is not None:
+            await self.claim_refund_token(transition.invoice.id, issued)
         keys_, args = self.commit_call(stored, transition, now)
         async with self.redis.pipeline(transaction=False) as pipe:
             await self.scripts.commit(keys=keys_, args=args, client=pipe)
@@ -155,7 +225,13 @@ class InvoiceStore:
     async def queue_commit(
         self, pipe: Pipeline, stored: Stored, transition: Transition, now: int
     ) -> None:
-        """Add a commit to a pipeline (batch apply); its result is the new version or 0."""
+        """Add a commit to a pipeline (batch apply); its result is the new version or 0.
+
+        Only for transitions that assign no deposit address (payments): see `commit`.
+        A refund token the transition issues must be indexed first, in an earlier
+        round trip (`claim_refund_tokens`): a cluster pipeline runs its nodes'
+        commands concurrently, so the same pipeline would not keep that order.
+        """
         keys_, args = self.commit_call(stored, transition, now)
         await self.scripts.commit(keys=keys_, args=args, client=pipe)
 
@@ -168,25 +244,16 @@ class InvoiceStore:
         callback = transition.callback
         ledger = [e for e in transition.effects if isinstance(e, LedgerEntry)]
         mails = [e for e in transition.effects if isinstance(e, Email)]
-        # A deposit address assigned by this transition becomes owned by the invoice.
-        assigned = new.address if new.address != stored.invoice.address else None
-        owner = (
-            keys.address(assigned.currency, assigned.address) if assigned else keys.invoice(new.id)
-        )
-        # A refund token issued by this transition (with its first refund/payback e-mail).
-        issued = new.refund_token if new.refund_token != stored.invoice.refund_token else None
+        partition = keys.invoice_partition(new.id)
         return (
             [
                 keys.invoice(new.id),
-                keys.TIMERS,
-                keys.DELIVERY_DUE,
+                keys.timers(partition),
+                keys.delivery_due(partition),
                 keys.delivery(new.id),
-                keys.MAIL_DUE,
+                keys.mail_due(partition),
                 keys.mails(new.id),
-                keys.balance(new.merchant),
-                keys.ledger(new.merchant),
-                owner,
-                keys.refund_token(issued) if issued else keys.invoice(new.id),
+                keys.ledger_outbox(partition),
             ],
             [
                 stored.version,
@@ -197,24 +264,27 @@ class InvoiceStore:
                 now,
                 _ledger_lines(ledger, now),
                 _mails_json(mails, now),
-                "1" if assigned else "0",
-                "1" if issued else "0",
+                new.merchant,
             ],
         )
 
     async def due_timers(self, now: int, limit: int) -> list[int]:
-        """Invoices whose timer fire time has come."""
-        ids = await self.redis.zrangebyscore(keys.TIMERS, "-inf", now, start=0, num=limit)
-        return [int(i) for i in ids]
+        """Invoices whose timer fire time has come, from every partition (one round trip)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for partition in range(keys.partitions()):
+                pipe.zrangebyscore(keys.timers(partition), "-inf", now, start=0, num=limit)
+            rows = await pipe.execute()
+        return [int(i) for row in rows for i in row][:limit]
 
     async def sync_timer(self, invoice_id: int) -> None:
         """Set the invoice's timer entry from its current state (or remove it)."""
         stored = await self.get(invoice_id)
         fire_at = None if stored is None else deadline(stored.invoice, self.policy)
+        timers = keys.timers(keys.invoice_partition(invoice_id))
         if fire_at is None:
-            await self.redis.zrem(keys.TIMERS, invoice_id)
+            await self.redis.zrem(timers, invoice_id)
         else:
-            await self.redis.zadd(keys.TIMERS, {str(invoice_id): fire_at})
+            await self.redis.zadd(timers, {str(invoice_id): fire_at})
 
     async def balances(self, merchant: str) -> dict[str, Decimal]:
         raw = await awaited(self.redis.hgetall(keys.balance(merchant)))
@@ -224,6 +294,12 @@ class InvoiceStore:
         """The Lua decimal addition, exposed for its tests."""
         result = await self.scripts.dec_add(keys=[], args=[a, b])
         return result.decode() if isinstance(result, bytes) else str(result)
+
+
+def issued_refund_token(stored: Stored, transition: Transition) -> str | None:
+    """The refund token this transition gives the invoice (with its first refund e-mail)."""
+    token = transition.invoice.refund_token
+    return token if token is not None and token != stored.invoice.refund_token else None
 
 
 # A merchant's ledger holds one line of text per entry, kept for good (an audit trail),

@@ -18,7 +18,8 @@ from worker.domain.models import EmailKind
 from worker.logs import get_logger
 from worker.store import keys
 from worker.store.connection import awaited
-from worker.store.scripts import source
+from worker.store.schedules import claim_due
+from worker.store.scripts import Script
 
 log = get_logger(__name__)
 
@@ -90,13 +91,14 @@ class MailScripts:
     """The mail scripts of one Redis client, behind typed calls."""
 
     def __init__(self, redis: Redis) -> None:
+        self._redis = redis
         # The same lease claim as the callback outbox (claim_due.lua).
-        self._claim = redis.register_script(source("claim_due"))
-        self._record = redis.register_script(source("mail_record"))
+        self._claim = Script(redis, "claim_due")
+        self._record = Script(redis, "mail_record")
 
     async def claim(self, now: float, lease_until: float, limit: int) -> list[str]:
-        members = await self._claim(keys=[keys.MAIL_DUE], args=[now, lease_until, limit])
-        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+        """Lease up to `limit` due mails of every partition."""
+        return await claim_due(self._redis, self._claim, keys.mail_due, now, lease_until, limit)
 
     async def record(
         self,
@@ -108,7 +110,11 @@ class MailScripts:
     ) -> bool:
         """Replace the record if it is still `read`; schedule it at `due_at` or unschedule it."""
         written = await self._record(
-            keys=[keys.mails(invoice_id), keys.MAIL_DUE, keys.invoice(invoice_id)],
+            keys=[
+                keys.mails(invoice_id),
+                keys.mail_due(keys.invoice_partition(invoice_id)),
+                keys.invoice(invoice_id),
+            ],
             args=[
                 new.cause,
                 read,
@@ -119,6 +125,18 @@ class MailScripts:
             ],
         )
         return bool(written)
+
+
+async def unschedule(redis: Redis, taken: str) -> None:
+    """Take a due member off its schedule (one that cannot be read: off every partition's)."""
+    try:
+        partitions = [keys.invoice_partition(parse_member(taken)[0])]
+    except ValueError:
+        partitions = list(range(keys.partitions()))
+    async with redis.pipeline(transaction=False) as pipe:
+        for partition in partitions:
+            pipe.zrem(keys.mail_due(partition), taken)
+        await pipe.execute()
 
 
 async def release_waiting(redis: Redis, invoice_id: int, *, now: float | None = None) -> int:

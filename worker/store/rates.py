@@ -1,8 +1,8 @@
 """The live rate table in Redis: written by the leading worker, read by every receiver.
 
-`cv:rates` holds one field per market symbol, `"{price} {as of} {sources}"`
-(e.g. `"64012.5 1795703443 bitstamp,kraken"`); `cv:rates:leader` is the lease
-of the one worker that refreshes it; `cv:rates:sources` keeps each source's
+`cv:{rates}` holds one field per market symbol, `"{price} {as of} {sources}"`
+(e.g. `"64012.5 1795703443 bitstamp,kraken"`); `cv:{rates}:leader` is the lease
+of the one worker that refreshes it; `cv:{rates}:sources` keeps each source's
 last good answer and error count for `/metrics`. Receivers read the table
 through `RedisPrices`, never the markets themselves.
 """

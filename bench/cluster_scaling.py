@@ -1,0 +1,234 @@
+"""One Redis vs a Redis Cluster: applied updates/s, receiver accepts/s, Redis CPU, memory/invoice.
+
+Run: `.venv/bin/python bench/cluster_scaling.py` (about 2 minutes; prints one JSON object).
+
+For each backend — one redis-server, and a cluster of 3 masters + 3
+replicas (tests/cluster.py: the same redis-server, `--cluster-enabled yes`,
+joined by `redis-cli --cluster create --cluster-replicas 1`), all with AOF
+`appendfsync always` — it measures:
+
+* applied updates/s with 1 and with 2 worker processes (INVOICES invoices, two
+  updates each, queued up front in round-robin order, callbacks delivered to
+  a sink process meanwhile), with each master's CPU seconds during the run;
+* receiver accepts/s: one receiver process, CONNECTIONS connections of signed
+  processing callbacks (wrk when installed, else bench/harness/loadgen.py);
+* memory per invoice: the sum of the masters' used_memory (less replication
+  and client buffers) after the run, less before, over the invoices (each
+  paid, its callbacks delivered, its ledger entries on the balance).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import asyncio
+import contextlib
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from bench.harness import fill, machine, stack
+from bench.harness.machine import cpu_seconds
+from bench.receiver_throughput import Load, signed_bodies
+from bench.worker_throughput import measure_progress, outbox_drained
+from tests.cluster import LocalCluster
+from tests.support import make_settings
+from worker.app.runtime import invoice_service
+from worker.config import Settings
+from worker.ingest.consumer import ensure_group
+from worker.ingest.enqueue import enqueue, queued
+from worker.store import keys
+from worker.store.connection import Client, connect
+from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.redis_server import RedisServer, free_port
+
+INVOICES = 10_000
+UPDATES_PER_INVOICE = 2
+ENQUEUE_CHUNK = 1_000
+CONNECTIONS = 32
+RX_WARMUP_SECONDS = 2
+RX_SECONDS = 8
+RX_BODIES = 1_000
+
+
+@dataclass
+class Backend:
+    """A running Redis deployment: how processes reach it, and its master processes."""
+
+    name: str
+    settings: Settings
+    env: dict[str, str]
+    master_pids: dict[str, int]
+
+
+@contextlib.asynccontextmanager
+async def backend(name: str, tmp: Path) -> AsyncIterator[Backend]:
+    """One redis-server, or a 3+3 cluster with a small Redis for arq; AOF always everywhere."""
+    if name == "redis":
+        with stack.redis_server(tmp / "redis") as server:
+            assert server.process is not None
+            yield Backend(
+                name,
+                make_settings(server.url),
+                stack.child_env(server.url),
+                {str(server.port): server.process.pid},
+            )
+        return
+    cluster = LocalCluster(tmp / "cluster", appendfsync="always").start()
+    arq = RedisServer(data_dir=tmp / "arq").start()
+    try:
+        settings = make_settings(None, redis_cluster_nodes=cluster.startup_nodes)
+        env = stack.child_env("")
+        del env["COINVOICE_REDIS_URL"]
+        env["COINVOICE_REDIS_CLUSTER_NODES"] = cluster.startup_nodes
+        env["COINVOICE_ARQ_REDIS_URL"] = arq.url
+        pids = {}
+        for port in cluster.master_ports():
+            process = cluster.node(port).process
+            assert process is not None
+            pids[str(port)] = process.pid
+        yield Backend(name, settings, env, pids)
+    finally:
+        arq.stop()
+        cluster.stop()
+
+
+async def used_memory(redis: Client, backend: Backend) -> int:
+    """Memory the data takes, summed over the masters: used_memory less the buffers that
+    depend on replicas and clients, not on the data (a master's replication backlog
+    fills up to repl-backlog-size, 1 MiB, as it replicates: 3 MiB over 3 masters)."""
+    total = 0
+    for port in backend.master_pids:
+        node = Client(port=int(port))
+        try:
+            info = await node.info("memory")
+        finally:
+            await node.aclose()
+        total += int(info["used_memory"]) - sum(
+            int(info.get(name, 0))
+            for name in (
+                "mem_replication_backlog",
+                "mem_clients_slaves",
+                "mem_clients_normal",
+                "mem_aof_buffer",
+            )
+        )
+    return total
+
+
+async def workers_run(name: str, workers: int) -> dict[str, Any]:
+    """Queue INVOICES × UPDATES_PER_INVOICE updates, start `workers` workers, measure."""
+    with stack.scratch_dir(f"cl-{name}") as tmp:
+        async with backend(name, tmp) as b:
+            redis = connect(b.settings)
+            port = free_port()
+            merchant = make_merchant("Bench shop", f"http://127.0.0.1:{port}/callbacks")
+            sink = stack.SinkProcess(tmp, merchant.secret, port=port).start()
+            try:
+                await MerchantStore(redis).add(merchant)
+                service = invoice_service(redis, b.settings)
+                before = await used_memory(redis, b)
+                invoices = await fill.create_invoices(service, merchant, INVOICES, random.Random(1))
+                updates = fill.round_robin(
+                    [
+                        fill.payment(i, tx_id=n * 10)[:UPDATES_PER_INVOICE]
+                        for n, i in enumerate(invoices, 1)
+                    ]
+                )
+                await ensure_group(redis)
+                items = [queued(u) for u in updates]
+                for start in range(0, len(items), ENQUEUE_CHUNK):
+                    await enqueue(redis, items[start : start + ENQUEUE_CHUNK])
+                children = [stack.worker(b.env, tmp, n) for n in range(workers)]
+
+                async def entries() -> int:
+                    return int(await redis.hget(keys.INGEST_STATS, "entries") or 0)
+
+                cpu_before = {p: cpu_seconds(pid) for p, pid in b.master_pids.items()}
+                try:
+                    result = await measure_progress(entries, len(items), [c.pid for c in children])
+                    redis_cpu = {
+                        p: round(cpu_seconds(pid) - cpu_before[p], 2)
+                        for p, pid in b.master_pids.items()
+                    }
+                    await outbox_drained(redis)
+                finally:
+                    for child in children:
+                        child.stop()
+                after = await used_memory(redis, b)
+                key_counts = (
+                    {p: int(await Client(port=int(p)).dbsize()) for p in b.master_pids}
+                    if name == "cluster"
+                    else None
+                )
+            finally:
+                sink.stop()
+                await redis.aclose()
+    return {
+        "backend": name,
+        "workers": workers,
+        "updates": len(items),
+        "applied_per_s": result["per_s"],
+        "seconds": result["seconds"],
+        "worker_cpu_seconds": result["cpu_seconds"],
+        "redis_master_cpu_seconds": redis_cpu,
+        "memory_bytes_per_invoice": round((after - before) / INVOICES),
+        "keys_per_master": key_counts,
+    }
+
+
+async def receiver_run(name: str) -> dict[str, Any]:
+    """One receiver process on the backend: accepted callbacks/s and the masters' CPU."""
+    with stack.scratch_dir(f"clrx-{name}") as tmp:
+        async with backend(name, tmp) as b:
+            load = Load(tmp, signed_bodies(RX_BODIES))
+            receiver, _, rx_port = await stack.receiver(b.env, tmp)
+            try:
+                load.run(rx_port, RX_WARMUP_SECONDS)
+                cpu_before = {p: cpu_seconds(pid) for p, pid in b.master_pids.items()}
+                rx_before = cpu_seconds(receiver.pid)
+                result = load.run(rx_port, RX_SECONDS)
+                result["receiver_cpu_share"] = round(
+                    (cpu_seconds(receiver.pid) - rx_before) / RX_SECONDS, 2
+                )
+                result["redis_master_cpu_share"] = {
+                    p: round((cpu_seconds(pid) - cpu_before[p]) / RX_SECONDS, 2)
+                    for p, pid in b.master_pids.items()
+                }
+                result["load_generator"] = load.name
+            finally:
+                receiver.stop()
+    return {"backend": name, **result}
+
+
+async def main() -> dict[str, Any]:
+    stack.quiet_logging()
+    out: dict[str, Any] = {"benchmark": "cluster_scaling", "machine": machine.describe()}
+    out["settings"] = {
+        "invoices": INVOICES,
+        "updates_per_invoice": UPDATES_PER_INVOICE,
+        "partitions": keys.partitions(),
+        "redis_appendfsync": "always",
+        "cluster": "3 masters + 3 replicas on loopback",
+    }
+    runs = []
+    for name in ("redis", "cluster"):
+        for workers in (1, 2):
+            runs.append(await workers_run(name, workers))
+    out["workers"] = runs
+    out["receiver"] = [await receiver_run(name) for name in ("redis", "cluster")]
+    single = next(r for r in runs if r["backend"] == "redis" and r["workers"] == 1)
+    clustered = next(r for r in runs if r["backend"] == "cluster" and r["workers"] == 1)
+    out["memory_cluster_vs_one_redis"] = round(
+        clustered["memory_bytes_per_invoice"] / single["memory_bytes_per_invoice"], 3
+    )
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(main()), indent=2))
