@@ -22,14 +22,15 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests import processes
-from tests.scenarios import create_plans, mismatches, reference
+from tests.scenarios import Plan, create_plans, mismatches, reference
 from tests.sink import Behaviour, running_sink
 from tests.support import deposit, eventually, record_artifact
 from worker.app.runtime import invoice_service
 from worker.config import Settings
 from worker.domain.models import Merchant
 from worker.ingest.consumer import ensure_group
-from worker.ingest.enqueue import enqueue, queued
+from worker.ingest.enqueue import Queued, enqueue, queued
+from worker.services.invoices import InvoiceService
 from worker.store import keys
 from worker.store.codec import load_update
 from worker.store.deliveries import delivery_log
@@ -136,6 +137,15 @@ async def group_consumers(redis: aioredis.Redis) -> dict[str, int]:
     return await all_group_consumers(redis)
 
 
+async def planned_flow(
+    service: InvoiceService, merchant: Merchant, rng: random.Random
+) -> tuple[list[Plan], list[Queued]]:
+    """100 invoices' planned updates as stream entries, topped up with 3,000 duplicates."""
+    plans = await create_plans(service, merchant, 100, rng)
+    updates = [u for plan in plans for u in plan.updates]
+    return plans, [queued(u) for u in updates + rng.choices(updates, k=3000)]
+
+
 async def test_worker_finishes_its_batch_leaves_the_group_and_exits_0(
     redis: aioredis.Redis,
     redis_server: RedisServer,
@@ -146,9 +156,7 @@ async def test_worker_finishes_its_batch_leaves_the_group_and_exits_0(
     """SIGTERM while updates flow: the batch in hand is applied, nothing left pending, exit 0."""
     rng = random.Random(11)
     service = invoice_service(redis, settings)
-    plans = await create_plans(service, merchant, 100, rng)
-    entries = [queued(u) for plan in plans for u in plan.updates]
-    entries += [queued(u) for u in rng.choices([u for p in plans for u in p.updates], k=3000)]
+    plans, entries = await planned_flow(service, merchant, rng)
     rng.shuffle(entries)
     await ensure_group(redis)
     env = processes.child_env(redis_server.url, COINVOICE_SHUTDOWN_SECONDS=str(SHUTDOWN_SECONDS))
@@ -234,9 +242,7 @@ async def test_a_killed_workers_consumer_is_removed_once_its_entries_are_claimed
     """SIGKILL a worker holding a batch: another claims and applies it, then removes it."""
     rng = random.Random(12)
     service = invoice_service(redis, settings)
-    plans = await create_plans(service, merchant, 100, rng)
-    entries = [queued(u) for plan in plans for u in plan.updates]
-    entries += [queued(u) for u in rng.choices([u for p in plans for u in p.updates], k=3000)]
+    plans, entries = await planned_flow(service, merchant, rng)
     await ensure_group(redis)
     env = processes.child_env(redis_server.url)
     victim = processes.worker(env, tmp_path, 0)
