@@ -25,6 +25,7 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -163,7 +164,8 @@ class _GuardedProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A TCP transport (uvloop's does not subclass asyncio.Transport, so no isinstance).
+        transport = cast(asyncio.Transport, transport)
         if self._guard.admit(transport):
             self._transport = transport
             self._inner.connection_made(transport)
