@@ -3,17 +3,34 @@
 The route pattern is logged instead of the path, because public paths carry
 the invoice's token (which opens the invoice); health checks and metric
 scrapes, which arrive every few seconds from the load balancer, are left out.
+
+The line is written once per request, so it has a fast path: when the process
+logs JSON lines (worker/logs.py: one stream handler on the root logger, a
+structlog JSON renderer), the access line is rendered here, with the keys and
+formatting that chain would give it, and written to that handler's stream
+under its lock: about 5 µs instead of ~37 µs through the logging module and
+the processor chain. Its fields are the method, the route pattern, the status
+and the duration: nothing the redaction of worker/logs.py would touch. Any
+other set-up (console format, other handlers or filters, tests capturing
+logs) takes the ordinary path.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
+import json
 import logging
+from typing import TextIO
 
+import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 # Requests under these paths are not logged.
 QUIET_PREFIXES = ("/health/", "/metrics")
+
+EVENT = "http_request"
 
 
 def route_pattern(request: web.BaseRequest) -> str:
@@ -22,20 +39,83 @@ def route_pattern(request: web.BaseRequest) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+@functools.lru_cache(maxsize=256)
+def _quoted(text: str) -> str:
+    """`text` as a JSON string (methods and route patterns: a small set, each quoted once)."""
+    return json.dumps(text)
+
+
+def json_lines_handler(root: logging.Logger) -> logging.StreamHandler[TextIO] | None:
+    """The one handler through which `root` writes plain JSON lines, if it is set up so."""
+    if len(root.handlers) != 1 or root.filters:
+        return None
+    handler = root.handlers[0]
+    formatter = handler.formatter
+    if (
+        type(handler) is not logging.StreamHandler
+        or handler.filters
+        or not isinstance(formatter, structlog.stdlib.ProcessorFormatter)
+        or not formatter.processors
+        or not isinstance(formatter.processors[-1], structlog.processors.JSONRenderer)
+    ):
+        return None
+    return handler
+
+
 class AccessLogger(AbstractAccessLogger):
+    # The root handlers the fast path was decided for, and its handler (None: the slow path).
+    _seen: list[logging.Handler] | None = None
+    _handler: logging.StreamHandler[TextIO] | None = None
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         if request.path.startswith(QUIET_PREFIXES):
             return
-        self.logger.info(
-            "http_request",
-            extra={
-                "method": request.method,
-                "route": route_pattern(request),
-                "status": response.status,
-                "duration_ms": round(time * 1000, 2),
-            },
+        route = route_pattern(request)
+        duration_ms = round(time * 1000, 2)
+        handler = self._fast_handler()
+        if handler is None or handler.level > logging.INFO:
+            self.logger.info(
+                EVENT,
+                extra={
+                    "method": request.method,
+                    "route": route,
+                    "status": response.status,
+                    "duration_ms": duration_ms,
+                },
+            )
+            return
+        # The JSON renderer's line for this event (worker/logs.py's key order).
+        now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+        line = (
+            f'{{"event": "{EVENT}", "level": "info", "logger": {_quoted(self.logger.name)}, '
+            f'"timestamp": "{now}", "method": {_quoted(request.method)}, '
+            f'"route": {_quoted(route)}, "status": {response.status}, '
+            f'"duration_ms": {duration_ms!r}}}\n'
         )
+        with handler.lock or _NO_LOCK:
+            handler.stream.write(line)
+            handler.flush()
+
+    def _fast_handler(self) -> logging.StreamHandler[TextIO] | None:
+        """The JSON lines handler, re-checked whenever logging was configured anew."""
+        root = logging.getLogger()
+        if root.handlers is not self._seen or self.logger.handlers or not self.logger.propagate:
+            self._seen = root.handlers
+            simple = not self.logger.handlers and self.logger.propagate and not self.logger.filters
+            self._handler = json_lines_handler(root) if simple else None
+        return self._handler
 
     @property
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()

@@ -7,6 +7,7 @@ unknown fields are ignored.
 
 from __future__ import annotations
 
+import functools
 import re
 from decimal import Decimal
 from email.errors import HeaderParseError
@@ -99,15 +100,18 @@ class Body(BaseModel):
         """An optional field sent as "" or null is not given (required ones stay errors)."""
         if not isinstance(data, dict):
             return data
+        optional = _optional_fields(cls)
         return {
             name: value
             for name, value in data.items()
-            if not (
-                value in ("", None)
-                and name in cls.model_fields
-                and not cls.model_fields[name].is_required()
-            )
+            if not (name in optional and (value is None or value == ""))
         }
+
+
+@functools.cache
+def _optional_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The names of `model`'s fields that may be left out (looked up once per model)."""
+    return frozenset(name for name, field in model.model_fields.items() if not field.is_required())
 
 
 class CreateInvoice(Body):

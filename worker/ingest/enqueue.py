@@ -17,16 +17,23 @@ the entries.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterPipeline
+from redis.exceptions import NoScriptError
 
 from worker.domain.events import TransactionUpdate
 from worker.store import keys
 from worker.store.batching import GroupCommit
 from worker.store.codec import dump_update
 from worker.store.connection import acknowledged
-from worker.store.scripts import Scripts
+from worker.store.scripts import Scripts, source
+
+# EVALSHA's name of append.lua (SHA-1 of its source, as Redis computes it).
+_APPEND_SHA = hashlib.sha1(source("append").encode()).hexdigest()  # noqa: S324 - Redis' own name
 
 # Requests whose updates go into one append at most; more wait for the next one.
 MAX_BATCH = 256
@@ -53,19 +60,36 @@ async def enqueue(
     by_partition: dict[int, list[int]] = {}
     for index, (partition, _) in enumerate(items):
         by_partition.setdefault(partition, []).append(index)
-    async with redis.pipeline(transaction=False) as pipe:
-        for partition, indexes in by_partition.items():
-            await scripts.append(
-                keys=[keys.updates(partition)],
-                args=[items[i][1] for i in indexes],
-                client=pipe,
-            )
-        replies = await acknowledged(redis, pipe)
+    try:
+        replies = await _append(redis, items, by_partition, scripts)
+    except NoScriptError:
+        # Redis restarted (or failed over) and forgot the script: load it, append again.
+        # A partition whose call did run appends twice; applying is idempotent.
+        await redis.script_load(scripts.append.source)
+        replies = await _append(redis, items, by_partition, scripts)
     ids = [""] * len(items)
     for indexes, reply in zip(by_partition.values(), replies, strict=True):
         for index, entry_id in zip(indexes, reply, strict=True):
             ids[index] = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
     return ids
+
+
+async def _append(
+    redis: Redis, items: Sequence[Queued], by_partition: dict[int, list[int]], scripts: Scripts
+) -> list[Any]:
+    """One append.lua call per partition, in one pipeline (and its WAIT, if required).
+
+    On one Redis each call is a plain EVALSHA: redis-py's own script pipelining
+    would first ask SCRIPT EXISTS, a round trip of its own before every flush.
+    """
+    async with redis.pipeline(transaction=False) as pipe:
+        for partition, indexes in by_partition.items():
+            args = [items[i][1] for i in indexes]
+            if isinstance(pipe, ClusterPipeline):
+                await scripts.append(keys=[keys.updates(partition)], args=args, client=pipe)
+            else:
+                pipe.execute_command("EVALSHA", _APPEND_SHA, 1, keys.updates(partition), *args)
+        return await acknowledged(redis, pipe)
 
 
 class Enqueuer:
