@@ -186,7 +186,10 @@ def measure(load: Load, port: int, pid: int) -> dict[str, Any]:
     load.run(port, WARMUP_SECONDS)
     before = cpu_seconds(pid)
     result = load.run(port, MEASURE_SECONDS)
-    result["server_cpu_share"] = round((cpu_seconds(pid) - before) / MEASURE_SECONDS, 2)
+    cpu = cpu_seconds(pid) - before
+    result["server_cpu_share"] = round(cpu / MEASURE_SECONDS, 2)
+    # CPU per answered request: less sensitive than the rate to a busy shared machine.
+    result["server_cpu_us_per_request"] = round(cpu / max(result["requests"], 1) * 1e6, 1)
     return result
 
 
@@ -264,6 +267,15 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
         )
         for r in rounds
     ]
+    summary["cpu_ratio_bare_to_receiver_per_round"] = {
+        name: [
+            round(
+                r[name]["server_cpu_us_per_request"] / r["receiver"]["server_cpu_us_per_request"], 2
+            )
+            for r in rounds
+        ]
+        for name, _ in BARE_SERVERS
+    }
     summary["receiver_p50_ms"] = min(r["receiver"]["p50_ms"] for r in rounds)
     summary["receiver_p99_ms_worst_round"] = max(r["receiver"]["p99_ms"] for r in rounds)
     return summary

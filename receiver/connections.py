@@ -230,8 +230,13 @@ async def transport_middleware(request: web.Request, handler: Handler) -> web.St
     try:
         if request.body_exists:
             try:
-                async with asyncio.timeout(request.app[appkeys.SETTINGS].body_timeout_seconds):
+                if request.content.is_eof():
+                    # The whole body came with the head (most do): nothing to wait for,
+                    # so no timer to arm and cancel.
                     await request.read()  # kept by aiohttp: handlers read it again for free
+                else:
+                    async with asyncio.timeout(request.app[appkeys.SETTINGS].body_timeout_seconds):
+                        await request.read()
             except TimeoutError:
                 log.info("request_body_timeout", route=route_pattern(request))
                 timed_out = json_error(

@@ -65,12 +65,12 @@ def parse_json(request: web.Request, body: bytes) -> dict[str, Any]:
         raise bad_content() from None
     if data is None or data == []:
         return {}
-    if not isinstance(data, dict) or (_may_nest(body) and _deeper_than(data, MAX_JSON_DEPTH)):
+    if not isinstance(data, dict) or (may_nest(body) and _deeper_than(data, MAX_JSON_DEPTH)):
         raise bad_content()
     return data
 
 
-def _may_nest(body: bytes) -> bool:
+def may_nest(body: bytes) -> bool:
     """Could `body` nest deeper than MAX_JSON_DEPTH? Not with fewer brackets than that.
 
     Every level opens a bracket, so counting them (in C) spares the walk below for

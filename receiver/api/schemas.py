@@ -31,7 +31,7 @@ from worker.domain.money import MAX_AMOUNT, AmountError, parse_amount
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 
 
-def _amount(value: object) -> Decimal:
+def amount_value(value: object) -> Decimal:
     try:
         amount = parse_amount(value)
     except AmountError as exc:
@@ -81,7 +81,7 @@ def _boolean(value: object) -> object:
     return value  # StrictBool refuses it with its message
 
 
-Amount = Annotated[Decimal, BeforeValidator(_amount)]
+Amount = Annotated[Decimal, BeforeValidator(amount_value)]
 Email = Annotated[str, AfterValidator(_email)]
 Url = Annotated[str, AfterValidator(_url)]
 CurrencyCode = Annotated[str, Field(min_length=2, max_length=16), AfterValidator(_currency)]
