@@ -7,10 +7,11 @@ that arrive while one round trip is in flight go together in the next
 append (worker/store/batching.py), and each gets its own entry ids back.
 
 An update goes to the partition of its deposit address (worker/store/streams.py).
-Each partition's share is one append.lua call (all or none); a flush sends
-one call per partition in one pipeline (per node on a cluster). A flush that
-fails part-way answers every request in it with an error, and the caller's
-retry appends again: applying is idempotent. With COINVOICE_REDIS_MIN_REPLICAS
+On one Redis a flush is a single append_many.lua call over all its
+partitions (all or none); on a cluster each partition's share is one
+append.lua call (all or none), in one pipeline per node. A flush that fails
+part-way answers every request in it with an error, and the caller's retry
+appends again: applying is idempotent. With COINVOICE_REDIS_MIN_REPLICAS
 the append is followed by WAIT, so the 200s leave only once the replicas hold
 the entries.
 """
@@ -32,8 +33,9 @@ from worker.store.codec import dump_update
 from worker.store.connection import acknowledged
 from worker.store.scripts import Scripts, source
 
-# EVALSHA's name of append.lua (SHA-1 of its source, as Redis computes it).
-_APPEND_SHA = hashlib.sha1(source("append").encode()).hexdigest()  # noqa: S324 - Redis' own name
+# append_many.lua, and its EVALSHA name (the SHA-1 of its source, as Redis computes it).
+_APPEND_MANY = source("append_many")
+_APPEND_MANY_SHA = hashlib.sha1(_APPEND_MANY.encode()).hexdigest()  # noqa: S324 - Redis' name
 
 # Requests whose updates go into one append at most; more wait for the next one.
 MAX_BATCH = 256
@@ -63,9 +65,9 @@ async def enqueue(
     try:
         replies = await _append(redis, items, by_partition, scripts)
     except NoScriptError:
-        # Redis restarted (or failed over) and forgot the script: load it, append again.
-        # A partition whose call did run appends twice; applying is idempotent.
-        await redis.script_load(scripts.append.source)
+        # Redis restarted (or failed over) and forgot the script, so nothing was appended:
+        # load it and append.
+        await redis.script_load(_APPEND_MANY)
         replies = await _append(redis, items, by_partition, scripts)
     ids = [""] * len(items)
     for indexes, reply in zip(by_partition.values(), replies, strict=True):
@@ -77,19 +79,31 @@ async def enqueue(
 async def _append(
     redis: Redis, items: Sequence[Queued], by_partition: dict[int, list[int]], scripts: Scripts
 ) -> list[Any]:
-    """One append.lua call per partition, in one pipeline (and its WAIT, if required).
+    """The entry ids per partition, in `by_partition` order (after a WAIT, if required).
 
-    On one Redis each call is a plain EVALSHA: redis-py's own script pipelining
-    would first ask SCRIPT EXISTS, a round trip of its own before every flush.
+    On one Redis the whole flush is one append_many.lua call, a plain EVALSHA
+    (redis-py's own script pipelining would first ask SCRIPT EXISTS, a round
+    trip of its own). A Redis Cluster gets one append.lua call per partition
+    (each partition's stream in its own slot), in one pipeline per node.
     """
     async with redis.pipeline(transaction=False) as pipe:
-        for partition, indexes in by_partition.items():
-            args = [items[i][1] for i in indexes]
-            if isinstance(pipe, ClusterPipeline):
+        if isinstance(pipe, ClusterPipeline):
+            for partition, indexes in by_partition.items():
+                args = [items[i][1] for i in indexes]
                 await scripts.append(keys=[keys.updates(partition)], args=args, client=pipe)
-            else:
-                pipe.execute_command("EVALSHA", _APPEND_SHA, 1, keys.updates(partition), *args)
-        return await acknowledged(redis, pipe)
+            return await acknowledged(redis, pipe)
+        streams = [keys.updates(partition) for partition in by_partition]
+        counts = [len(indexes) for indexes in by_partition.values()]
+        payloads = [items[i][1] for indexes in by_partition.values() for i in indexes]
+        pipe.execute_command(
+            "EVALSHA", _APPEND_MANY_SHA, len(streams), *streams, *counts, *payloads
+        )
+        [ids] = await acknowledged(redis, pipe)
+    replies, start = [], 0
+    for count in counts:
+        replies.append(ids[start : start + count])
+        start += count
+    return replies
 
 
 class Enqueuer:
