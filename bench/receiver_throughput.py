@@ -1,6 +1,8 @@
 """Receiver throughput: signed processing callbacks at 32 connections, against a bare handler.
 
-Run: `.venv/bin/python bench/receiver_throughput.py` (about 1.5 minutes; prints one JSON object).
+Run: `.venv/bin/python bench/receiver_throughput.py [--before DIR]` (about 1.5 minutes,
+2 with --before; prints one JSON object). `--before DIR` measures the receiver of an
+earlier checkout in the same rounds too (an A/B in one run on a noisy machine).
 
 Servers, each a process of its own, measured one after the other in the
 same run, twice (bare, bare on uvloop, receiver; then again) so that a noisy
@@ -29,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import argparse
 import asyncio
 import json
 import random
@@ -199,7 +202,25 @@ RECEIVER_LOG_LEVEL = "info"
 BARE_SERVERS = (("bare", ()), ("bare_uvloop", ("--uvloop",)))
 
 
-async def main() -> dict[str, Any]:
+def earlier_receiver(tree: Path, env: dict[str, str], log: Path) -> tuple[int, Any]:
+    """The receiver of another checkout (`git archive <commit> | tar -x -C tree`), listening."""
+    port = free_port()
+    out = log.open("ab")
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "receiver.commands.cli", "receiver"],
+            cwd=tree,  # its own code first on sys.path, before the installed checkout
+            env={**env, "COINVOICE_PORT": str(port), "COINVOICE_HOST": "127.0.0.1"},
+            stdout=out,
+            stderr=out,
+        )
+    finally:
+        out.close()
+    stack.wait_listening(port, process)
+    return port, process
+
+
+async def main(before_tree: Path | None = None) -> dict[str, Any]:
     stack.quiet_logging()
     out: dict[str, Any] = {"benchmark": "receiver_throughput", "machine": machine.describe()}
     with stack.scratch_dir("rxbench") as tmp, stack.redis_server(tmp) as server:
@@ -227,6 +248,11 @@ async def main() -> dict[str, Any]:
                 )
             for port, process in bares.values():
                 stack.wait_listening(port, process)
+            if before_tree is not None:
+                bares["receiver_before"] = earlier_receiver(
+                    before_tree, env, tmp / "receiver_before.log"
+                )
+                out["settings"]["receiver_before"] = str(before_tree)
             rounds = []
             for _ in range(ROUNDS):
                 result = {
@@ -276,10 +302,34 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
         ]
         for name, _ in BARE_SERVERS
     }
+    if "receiver_before" in rounds[0]:
+        summary["receiver_before_accepted_per_s"] = max(
+            r["receiver_before"]["accepted_per_s"] for r in rounds
+        )
+        summary["after_to_before_per_round"] = [
+            round(r["receiver"]["accepted_per_s"] / r["receiver_before"]["accepted_per_s"], 2)
+            for r in rounds
+        ]
+        summary["before_ratio_to_stronger_bare_per_round"] = [
+            round(
+                r["receiver_before"]["accepted_per_s"]
+                / max(r[name]["accepted_per_s"] for name, _ in BARE_SERVERS),
+                2,
+            )
+            for r in rounds
+        ]
     summary["receiver_p50_ms"] = min(r["receiver"]["p50_ms"] for r in rounds)
     summary["receiver_p99_ms_worst_round"] = max(r["receiver"]["p99_ms"] for r in rounds)
     return summary
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main()), indent=2))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="also measure, in the same rounds, the receiver of this earlier checkout "
+        "(e.g. `git archive HEAD~3 | tar -x -C DIR`): an A/B in one run",
+    )
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(main(args.before)), indent=2))
