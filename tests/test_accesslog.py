@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
@@ -23,10 +24,15 @@ def stderr(
     themselves: pytest adds its capturing handler to the root logger after fixtures ran)."""
     root = logging.getLogger()
     handlers, level = root.handlers, root.level
+    # configure_logging also configures structlog (loggers cached on first use): restored
+    # too, or later tests' capture_logs() would see nothing.
+    saved = structlog.get_config()
     # A mocked request has no matched route: this one's pattern.
     monkeypatch.setattr(accesslog, "route_pattern", lambda request: "/api/v2/invoices/{id}/")
     yield lambda: capsys.readouterr().err
     root.handlers, root.level = handlers, level
+    structlog.reset_defaults()
+    structlog.configure(**saved)
 
 
 def _log(logger: AccessLogger, path: str = "/api/v2/ping", status: int = 200) -> None:

@@ -1,10 +1,15 @@
-"""The event loop every coinvoice process runs on: uvloop's.
+"""The receiver's event loop: uvloop's.
 
 uvloop (libuv, in C) runs the same asyncio code with less CPU per callback,
 socket read and write than asyncio's own loop: the receiver answers more
-callbacks per second of one core, and the worker spends less on its Redis
-round trips. Entry points call `run` (or `install` before a framework such as
-arq creates its loop); library code never picks a loop.
+callbacks per second of one core. Entry points call `run`; library code never
+picks a loop.
+
+Not (yet) the other processes: under uvloop an arq worker stopped by SIGTERM
+let a CancelledError out of `Worker.close` and exited 1 with its batch
+unfinished (tests/test_shutdown.py), and `coinvoice up` starts its children
+with `process_group=0`, which uvloop's subprocess_exec refuses. `install`
+is here for the worker once that is solved.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from worker import eventloop
 from worker.app.main import check as worker_alive
 from worker.config import Settings
 from worker.domain.models import Merchant
@@ -98,7 +97,7 @@ def up(settings: Settings) -> int:
         # The children must listen where we look for them: pick the port here.
         settings = settings.model_copy(update={"port": free_port()})
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-    return eventloop.run(Supervisor(settings).run())
+    return asyncio.run(Supervisor(settings).run())
 
 
 class Supervisor:

@@ -30,7 +30,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
-from worker import eventloop
 from worker.app.runtime import invoice_service, warn_if_demo_keys
 from worker.config import Settings
 from worker.domain.effects import LedgerEntry
@@ -315,7 +314,6 @@ def build_worker(settings: Settings) -> Worker:
 
 def run(settings: Settings) -> None:
     configure_logging(settings.log_format, settings.log_level)
-    eventloop.install()  # arq creates its loop with asyncio.get_event_loop()
     build_worker(settings).run()
 
 
