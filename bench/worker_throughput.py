@@ -1,18 +1,25 @@
 """Worker throughput: pre-queued processing updates applied by one (then two) worker processes.
 
-Run: `.venv/bin/python bench/worker_throughput.py` (about 1–1.5 minutes; prints one JSON object).
+Run: `.venv/bin/python bench/worker_throughput.py` (about 2 minutes; prints one JSON object).
+A/B against other code: `… --before DIR`, where DIR is a checkout of it
+(`git worktree add /tmp/before <commit>`): its workers run from DIR
+(PYTHONPATH), interleaved with this tree's in the same run.
 
 For each run a fresh Redis (AOF, appendfsync always) gets INVOICES pending
 invoices and UPDATES_PER_INVOICE updates each (mempool, 1 confirmation,
 confirmed: every update changes its invoice and makes a merchant callback),
 queued round-robin so that no batch holds two updates of one invoice.
-Then the worker processes start; the rate is measured from the first to the
-last acknowledgement (the `entries` counter of cv:stats:ingest, polled).
-The merchant's callbacks go to a sink process, so the workers deliver as
-they would in production.
+Then the worker processes start, logging at the default level (info: one
+JSON line per state change and per callback); the rate is measured from the
+first to the last acknowledgement (the `entries` counter of cv:stats:ingest,
+polled). The merchant's callbacks go to a sink process, so the workers
+deliver as they would in production; `all_in_per_s` counts the time until
+the last callback is delivered too.
 
-The baseline is an arq worker with coinvoice's arq settings running no-op
-jobs against the same Redis settings, in the same run.
+The baseline is an arq worker tuned for throughput (bench/harness/noop_arq.py:
+burst mode, `max_jobs` 100, `poll_delay` 0.01 s, no kept results, logging
+off) draining NOOP_JOBS pre-queued no-op jobs on the same Redis settings, in
+the same run.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import argparse
 import asyncio
 import json
 import random
@@ -44,7 +52,7 @@ from worker.store.schedules import count_due
 
 INVOICES = 12_000
 UPDATES_PER_INVOICE = 3  # 36,000 updates per run
-NOOP_JOBS = 6_000
+NOOP_JOBS = 20_000
 ENQUEUE_CHUNK = 1_000  # updates per XADD transaction while preparing
 POLL_SECONDS = 0.01  # how often progress counters are read
 RUN_TIMEOUT_SECONDS = 60.0
@@ -110,8 +118,15 @@ async def outbox_drained(redis: aioredis.Redis) -> float | None:
     return None
 
 
-async def coinvoice_run(workers: int) -> dict[str, Any]:
-    """Queue the updates, start `workers` worker processes, measure applied/s."""
+# The log level of the measured workers: the default (every state change one JSON line).
+WORKER_LOG_LEVEL = "info"
+
+
+async def coinvoice_run(workers: int, code: Path | None = None) -> dict[str, Any]:
+    """Queue the updates, start `workers` worker processes, measure applied/s.
+
+    `code`: run the workers from that checkout instead of this one (A/B).
+    """
     with stack.scratch_dir("wbench") as tmp, stack.redis_server(tmp) as server:
         redis = aioredis.Redis.from_url(server.url)
         port = free_port()
@@ -120,6 +135,9 @@ async def coinvoice_run(workers: int) -> dict[str, Any]:
         try:
             total = await prepare_updates(redis, server.url, merchant)
             env = stack.child_env(server.url)
+            env["COINVOICE_LOG_LEVEL"] = WORKER_LOG_LEVEL
+            if code is not None:
+                env["PYTHONPATH"] = str(code)
             children = [stack.worker(env, tmp, n) for n in range(workers)]
 
             async def entries() -> int:
@@ -149,6 +167,11 @@ async def coinvoice_run(workers: int) -> dict[str, Any]:
         "callbacks_delivered_in_all": delivered,
         "outbox_drained_s_after_last_apply": drained_after,
         "applied_per_s": result["per_s"],
+        "all_in_per_s": (
+            round(result["measured"] / (result["seconds"] + drained_after))
+            if drained_after is not None
+            else None
+        ),
         "measured_updates": result["measured"],
         "seconds": result["seconds"],
         "worker_cpu_seconds": result["cpu_seconds"],
@@ -185,24 +208,44 @@ async def noop_arq_run() -> dict[str, Any]:
     }
 
 
-async def main() -> dict[str, Any]:
+async def main(before: Path | None = None) -> dict[str, Any]:
     stack.quiet_logging()
     out: dict[str, Any] = {"benchmark": "worker_throughput", "machine": machine.describe()}
     out["settings"] = {
         "redis_appendfsync": "always",
-        "log_level": "warning",
+        "log_level": WORKER_LOG_LEVEL,
         "batch": 256,
         "order": "round-robin: no two updates of one invoice in a batch",
         "callbacks": "delivered to a sink process during the run",
+        "noop_arq": {
+            "burst": True,
+            "max_jobs": noop_arq_settings()[0],
+            "poll_delay": noop_arq_settings()[1],
+            "keep_result": 0,
+            "logging": "off",
+        },
     }
+    if before is not None:
+        out["before"] = {"code": str(before), "one_worker": await coinvoice_run(1, before)}
     one = await coinvoice_run(1)
     noop = await noop_arq_run()
+    if before is not None:
+        out["before"]["two_workers"] = await coinvoice_run(2, before)
     two = await coinvoice_run(2)
     out["one_worker"] = one
     out["noop_arq"] = noop
     out["two_workers"] = two
     out["ratio_to_noop_arq"] = round(one["applied_per_s"] / noop["jobs_per_s"], 2)
     out["scaling_two_workers"] = round(two["applied_per_s"] / one["applied_per_s"], 2)
+    if before is not None:
+        b = out["before"]
+        b["ratio_to_noop_arq"] = round(b["one_worker"]["applied_per_s"] / noop["jobs_per_s"], 2)
+        b["scaling_two_workers"] = round(
+            b["two_workers"]["applied_per_s"] / b["one_worker"]["applied_per_s"], 2
+        )
+        out["speedup_one_worker"] = round(
+            one["applied_per_s"] / b["one_worker"]["applied_per_s"], 2
+        )
     out["goals"] = {
         "applied_per_s_ge_2000": one["applied_per_s"] >= GOAL_APPLIED_PER_S,
         "ratio_to_noop_arq_ge_2_5": out["ratio_to_noop_arq"] >= GOAL_RATIO_TO_NOOP_ARQ,
@@ -210,5 +253,18 @@ async def main() -> dict[str, Any]:
     return out
 
 
+def noop_arq_settings() -> tuple[int, float]:
+    from bench.harness import noop_arq
+
+    return noop_arq.MAX_JOBS, noop_arq.POLL_DELAY_SECONDS
+
+
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main()), indent=2))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--before", type=Path, help="a checkout whose workers run too, for an A/B in one run"
+    )
+    cli = parser.parse_args()
+    if cli.before is not None and not (cli.before / "worker" / "__init__.py").exists():
+        parser.error(f"{cli.before} is not a coinvoice checkout")
+    print(json.dumps(asyncio.run(main(cli.before and cli.before.resolve())), indent=2))

@@ -3,17 +3,34 @@
 The route pattern is logged instead of the path, because public paths carry
 the invoice's token (which opens the invoice); health checks and metric
 scrapes, which arrive every few seconds from the load balancer, are left out.
+
+The line is written once per request, so it has a fast path: when the process
+logs JSON lines (worker/logs.py: one stream handler on the root logger, a
+structlog JSON renderer), the access line is rendered here, with the keys and
+formatting that chain would give it, and written to that handler's stream
+under its lock: a few µs instead of ~37 µs through the logging module and
+the processor chain (the renderer is the chain's own, so the line is the
+same). Its fields are the method, the route pattern, the status and the
+duration: nothing the redaction of worker/logs.py would touch. Any
+other set-up (console format, other handlers or filters, tests capturing
+logs) takes the ordinary path.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
+import time
+from typing import TextIO, cast
 
+import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 # Requests under these paths are not logged.
 QUIET_PREFIXES = ("/health/", "/metrics")
+
+EVENT = "http_request"
 
 
 def route_pattern(request: web.BaseRequest) -> str:
@@ -22,20 +39,102 @@ def route_pattern(request: web.BaseRequest) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+def json_lines_handler(root: logging.Logger) -> logging.StreamHandler[TextIO] | None:
+    """The one handler through which `root` writes plain JSON lines, if it is set up so."""
+    if len(root.handlers) != 1 or root.filters:
+        return None
+    handler = root.handlers[0]
+    formatter = handler.formatter
+    if (
+        type(handler) is not logging.StreamHandler
+        or handler.filters
+        or not isinstance(formatter, structlog.stdlib.ProcessorFormatter)
+        or not formatter.processors
+        or not isinstance(formatter.processors[-1], structlog.processors.JSONRenderer)
+    ):
+        return None
+    return handler
+
+
 class AccessLogger(AbstractAccessLogger):
+    # The root handlers the fast path was decided for, and its handler (None: the slow path).
+    _seen: list[logging.Handler] | None = None
+    _handler: logging.StreamHandler[TextIO] | None = None
+    _renderer: structlog.typing.Processor
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         if request.path.startswith(QUIET_PREFIXES):
             return
-        self.logger.info(
-            "http_request",
-            extra={
-                "method": request.method,
-                "route": route_pattern(request),
-                "status": response.status,
-                "duration_ms": round(time * 1000, 2),
-            },
-        )
+        route = route_pattern(request)
+        duration_ms = round(time * 1000, 2)
+        handler = self._fast_handler()
+        if handler is None or handler.level > logging.INFO:
+            self.logger.info(
+                EVENT,
+                extra={
+                    "method": request.method,
+                    "route": route,
+                    "status": response.status,
+                    "duration_ms": duration_ms,
+                },
+            )
+            return
+        # The event the logging chain would build, rendered by its own JSON renderer.
+        now = _timestamp()
+        event = {
+            "event": EVENT,
+            "level": "info",
+            "logger": self.logger.name,
+            "timestamp": now,
+            "method": request.method,
+            "route": route,
+            "status": response.status,
+            "duration_ms": duration_ms,
+        }
+        line = cast(str, self._renderer(None, "info", event))  # JSONRenderer returns str
+        with handler.lock or _NO_LOCK:
+            handler.stream.write(f"{line}\n")
+            handler.flush()
+
+    def _fast_handler(self) -> logging.StreamHandler[TextIO] | None:
+        """The JSON lines handler, re-checked whenever logging was configured anew."""
+        root = logging.root
+        if root.handlers is not self._seen or self.logger.handlers or not self.logger.propagate:
+            self._seen = root.handlers
+            simple = not self.logger.handlers and self.logger.propagate and not self.logger.filters
+            self._handler = json_lines_handler(root) if simple else None
+            if self._handler is not None:
+                formatter = self._handler.formatter
+                assert isinstance(formatter, structlog.stdlib.ProcessorFormatter)
+                self._renderer = formatter.processors[-1]
+        return self._handler
 
     @property
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
+
+
+# The second the last timestamp fell in, and its ISO form up to the second.
+_second: list[tuple[int, str]] = [(-1, "")]
+
+
+def _timestamp() -> str:
+    """Now as structlog's TimeStamper(fmt="iso", utc=True) writes it: `…T05:20:24.921835Z`."""
+    now = time.time()
+    second = int(now)
+    cached, prefix = _second[0]
+    if second != cached:
+        prefix = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second[0] = (second, prefix)
+    return f"{prefix}.{int((now - second) * 1e6):06d}Z"
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()

@@ -22,6 +22,7 @@ from receiver.connections import (
 from receiver.health import LIFECYCLE, Lifecycle, close_while_draining, mark_shutting_down
 from receiver.metrics import METRICS, Metrics, metrics_middleware
 from receiver.routes import setup_routes
+from worker import eventloop
 from worker.app.runtime import invoice_service, warn_if_demo_keys
 from worker.config import MAX_BODY_BYTES, Settings
 from worker.ingest.enqueue import Enqueuer
@@ -139,4 +140,4 @@ def run(settings: Settings) -> None:
             loop.add_signal_handler(sig, on_signal, sig)
         await serve(settings, stop, hurry)
 
-    asyncio.run(main())
+    eventloop.run(main())

@@ -25,6 +25,7 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -163,7 +164,8 @@ class _GuardedProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A TCP transport (uvloop's does not subclass asyncio.Transport, so no isinstance).
+        transport = cast(asyncio.Transport, transport)
         if self._guard.admit(transport):
             self._transport = transport
             self._inner.connection_made(transport)
@@ -228,8 +230,13 @@ async def transport_middleware(request: web.Request, handler: Handler) -> web.St
     try:
         if request.body_exists:
             try:
-                async with asyncio.timeout(request.app[appkeys.SETTINGS].body_timeout_seconds):
+                if request.content.is_eof():
+                    # The whole body came with the head (most do): nothing to wait for,
+                    # so no timer to arm and cancel.
                     await request.read()  # kept by aiohttp: handlers read it again for free
+                else:
+                    async with asyncio.timeout(request.app[appkeys.SETTINGS].body_timeout_seconds):
+                        await request.read()
             except TimeoutError:
                 log.info("request_body_timeout", route=route_pattern(request))
                 timed_out = json_error(

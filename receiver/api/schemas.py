@@ -7,6 +7,7 @@ unknown fields are ignored.
 
 from __future__ import annotations
 
+import functools
 import re
 from decimal import Decimal
 from email.errors import HeaderParseError
@@ -30,7 +31,7 @@ from worker.domain.money import MAX_AMOUNT, AmountError, parse_amount
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 
 
-def _amount(value: object) -> Decimal:
+def amount_value(value: object) -> Decimal:
     try:
         amount = parse_amount(value)
     except AmountError as exc:
@@ -80,7 +81,7 @@ def _boolean(value: object) -> object:
     return value  # StrictBool refuses it with its message
 
 
-Amount = Annotated[Decimal, BeforeValidator(_amount)]
+Amount = Annotated[Decimal, BeforeValidator(amount_value)]
 Email = Annotated[str, AfterValidator(_email)]
 Url = Annotated[str, AfterValidator(_url)]
 CurrencyCode = Annotated[str, Field(min_length=2, max_length=16), AfterValidator(_currency)]
@@ -99,15 +100,18 @@ class Body(BaseModel):
         """An optional field sent as "" or null is not given (required ones stay errors)."""
         if not isinstance(data, dict):
             return data
+        optional = _optional_fields(cls)
         return {
             name: value
             for name, value in data.items()
-            if not (
-                value in ("", None)
-                and name in cls.model_fields
-                and not cls.model_fields[name].is_required()
-            )
+            if not (name in optional and (value is None or value == ""))
         }
+
+
+@functools.cache
+def _optional_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The names of `model`'s fields that may be left out (looked up once per model)."""
+    return frozenset(name for name, field in model.model_fields.items() if not field.is_required())
 
 
 class CreateInvoice(Body):

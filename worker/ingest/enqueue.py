@@ -7,26 +7,35 @@ that arrive while one round trip is in flight go together in the next
 append (worker/store/batching.py), and each gets its own entry ids back.
 
 An update goes to the partition of its deposit address (worker/store/streams.py).
-Each partition's share is one append.lua call (all or none); a flush sends
-one call per partition in one pipeline (per node on a cluster). A flush that
-fails part-way answers every request in it with an error, and the caller's
-retry appends again: applying is idempotent. With COINVOICE_REDIS_MIN_REPLICAS
+On one Redis a flush is a single append_many.lua call over all its
+partitions (all or none); on a cluster each partition's share is one
+append.lua call (all or none), in one pipeline per node. A flush that fails
+part-way answers every request in it with an error, and the caller's retry
+appends again: applying is idempotent. With COINVOICE_REDIS_MIN_REPLICAS
 the append is followed by WAIT, so the 200s leave only once the replicas hold
 the entries.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterPipeline
+from redis.exceptions import NoScriptError
 
 from worker.domain.events import TransactionUpdate
 from worker.store import keys
 from worker.store.batching import GroupCommit
 from worker.store.codec import dump_update
 from worker.store.connection import acknowledged
-from worker.store.scripts import Scripts
+from worker.store.scripts import Scripts, source
+
+# append_many.lua, and its EVALSHA name (the SHA-1 of its source, as Redis computes it).
+_APPEND_MANY = source("append_many")
+_APPEND_MANY_SHA = hashlib.sha1(_APPEND_MANY.encode()).hexdigest()  # noqa: S324 - Redis' name
 
 # Requests whose updates go into one append at most; more wait for the next one.
 MAX_BATCH = 256
@@ -53,19 +62,48 @@ async def enqueue(
     by_partition: dict[int, list[int]] = {}
     for index, (partition, _) in enumerate(items):
         by_partition.setdefault(partition, []).append(index)
-    async with redis.pipeline(transaction=False) as pipe:
-        for partition, indexes in by_partition.items():
-            await scripts.append(
-                keys=[keys.updates(partition)],
-                args=[items[i][1] for i in indexes],
-                client=pipe,
-            )
-        replies = await acknowledged(redis, pipe)
+    try:
+        replies = await _append(redis, items, by_partition, scripts)
+    except NoScriptError:
+        # Redis restarted (or failed over) and forgot the script, so nothing was appended:
+        # load it and append.
+        await redis.script_load(_APPEND_MANY)
+        replies = await _append(redis, items, by_partition, scripts)
     ids = [""] * len(items)
     for indexes, reply in zip(by_partition.values(), replies, strict=True):
         for index, entry_id in zip(indexes, reply, strict=True):
             ids[index] = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
     return ids
+
+
+async def _append(
+    redis: Redis, items: Sequence[Queued], by_partition: dict[int, list[int]], scripts: Scripts
+) -> list[Any]:
+    """The entry ids per partition, in `by_partition` order (after a WAIT, if required).
+
+    On one Redis the whole flush is one append_many.lua call, a plain EVALSHA
+    (redis-py's own script pipelining would first ask SCRIPT EXISTS, a round
+    trip of its own). A Redis Cluster gets one append.lua call per partition
+    (each partition's stream in its own slot), in one pipeline per node.
+    """
+    async with redis.pipeline(transaction=False) as pipe:
+        if isinstance(pipe, ClusterPipeline):
+            for partition, indexes in by_partition.items():
+                args = [items[i][1] for i in indexes]
+                await scripts.append(keys=[keys.updates(partition)], args=args, client=pipe)
+            return await acknowledged(redis, pipe)
+        streams = [keys.updates(partition) for partition in by_partition]
+        counts = [len(indexes) for indexes in by_partition.values()]
+        payloads = [items[i][1] for indexes in by_partition.values() for i in indexes]
+        pipe.execute_command(
+            "EVALSHA", _APPEND_MANY_SHA, len(streams), *streams, *counts, *payloads
+        )
+        [ids] = await acknowledged(redis, pipe)
+    replies, start = [], 0
+    for count in counts:
+        replies.append(ids[start : start + count])
+        start += count
+    return replies
 
 
 class Enqueuer:
