@@ -390,7 +390,9 @@ async def final_check(
     }
 
 
-def tracemalloc_report(folder: Path, pids: dict[str, int], warmup: float) -> dict[str, Any]:
+def tracemalloc_report(
+    folder: Path, pids: dict[str, int], warmup: float, every: float
+) -> dict[str, Any]:
     """Per process: the biggest growths by line and by object type, first snapshot taken
     after the warm-up against the last."""
     out: dict[str, Any] = {}
@@ -399,7 +401,7 @@ def tracemalloc_report(folder: Path, pids: dict[str, int], warmup: float) -> dic
         types = sorted(folder.glob(f"{pid}-*.types.json"))
         if len(snaps) < 2:
             continue
-        first_index = min(len(snaps) - 2, max(0, int(warmup // 60)))
+        first_index = min(len(snaps) - 2, max(0, int(warmup // every)))
         first = tracemalloc.Snapshot.load(str(snaps[first_index]))
         last = tracemalloc.Snapshot.load(str(snaps[-1]))
         diff = first.compare_to(last, "lineno")
@@ -457,7 +459,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             debug = {
                 "PYTHONPATH": os.pathsep.join([str(MEMDEBUG), os.environ.get("PYTHONPATH", "")]),
                 "COINVOICE_BENCH_TRACEMALLOC": str(snapshots),
-                "COINVOICE_BENCH_TRACEMALLOC_EVERY": "60",
+                "COINVOICE_BENCH_TRACEMALLOC_EVERY": str(args.snapshot_every),
             }
         env = stack.child_env(server.url, log_level=args.log_level, **debug)
         receiver, _, port = await stack.receiver(env, tmp)
@@ -486,7 +488,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(1.5)
             sampler.cancel()
             out["tracemalloc"] = (
-                tracemalloc_report(snapshots, pids, WARMUP_SECONDS) if args.tracemalloc else None
+                tracemalloc_report(snapshots, pids, WARMUP_SECONDS, args.snapshot_every)
+                if args.tracemalloc
+                else None
             )
             records = sink.received()
             out["check"] = await final_check(redis, load, records)
@@ -562,6 +566,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--tracemalloc", action="store_true", help="debug: snapshots in the receiver and worker"
+    )
+    parser.add_argument(
+        "--snapshot-every", type=float, default=60.0, help="seconds between --tracemalloc dumps"
     )
     return parser.parse_args()
 

@@ -2,7 +2,7 @@
 
 bench/soak.py puts this folder on the PYTHONPATH of the receiver and the worker and
 sets COINVOICE_BENCH_TRACEMALLOC to a folder; Python imports `sitecustomize` at start,
-so this starts tracemalloc and a daemon thread that, every
+so this starts a daemon thread that starts tracemalloc and, every
 COINVOICE_BENCH_TRACEMALLOC_EVERY seconds (default 60), writes a tracemalloc snapshot
 and the live object count per type (gc, objgraph-style) into that folder as
 `{pid}-{n}.snap` and `{pid}-{n}.types.json`. Without the variable it does nothing.
@@ -25,6 +25,10 @@ if FOLDER:
     EVERY = float(os.environ.get("COINVOICE_BENCH_TRACEMALLOC_EVERY", "60"))
 
     def _dump_forever() -> None:
+        # Tracing starts once the process is up (imports untraced: start-up stays fast);
+        # growth is what the snapshots after that are compared for.
+        time.sleep(EVERY / 2)
+        tracemalloc.start(1)
         n = 0
         while True:
             time.sleep(EVERY)
@@ -38,5 +42,4 @@ if FOLDER:
                 json.dump({"t": time.monotonic(), "types": dict(counts.most_common(200))}, out)
             n += 1
 
-    tracemalloc.start(8)
     threading.Thread(target=_dump_forever, name="memdebug", daemon=True).start()
