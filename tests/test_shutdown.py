@@ -14,7 +14,9 @@ import json
 import random
 import signal
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
@@ -28,12 +30,15 @@ from tests.support import deposit, eventually, record_artifact
 from worker.app.runtime import invoice_service
 from worker.config import Settings
 from worker.domain.models import Merchant
+from worker.domain.money import fmt8
 from worker.ingest.consumer import ensure_group
 from worker.ingest.enqueue import Queued, enqueue, queued
 from worker.services.invoices import InvoiceService
 from worker.store import keys
 from worker.store.codec import load_update
 from worker.store.deliveries import delivery_log
+from worker.store.invoices import parse_ledger_line
+from worker.store.ledger import pending_entries
 from worker.store.merchants import MerchantStore, make_merchant
 from worker.store.redis_server import RedisServer
 from worker.store.streams import all_entries
@@ -272,3 +277,98 @@ async def test_a_killed_workers_consumer_is_removed_once_its_entries_are_claimed
             survivor.stop()
     assert (await processes.ingest_stats(redis))["reclaimed"] >= 1
     assert await mismatches(redis, merchant, reference(plans, service.policy)) == []
+
+
+async def posted_ledger(
+    redis: aioredis.Redis, merchant: Merchant
+) -> tuple[Counter[tuple[int, str, str]], dict[str, Decimal], dict[str, Decimal]]:
+    """The merchant's ledger rows (invoice, kind, amount) → count, their sum per currency,
+    and the balances."""
+    rows = [parse_ledger_line(r) for r in await redis.lrange(keys.ledger(merchant.key), 0, -1)]
+    sums: dict[str, Decimal] = {}
+    for row in rows:
+        sums[row.currency] = sums.get(row.currency, Decimal(0)) + row.amount
+    raw = await redis.hgetall(keys.balance(merchant.key))
+    balances = {k.decode(): Decimal(v.decode()) for k, v in raw.items()}
+    return Counter((r.invoice_id, r.kind, fmt8(r.amount)) for r in rows), sums, balances
+
+
+async def test_worker_posts_its_last_batchs_ledger_entries_before_exiting(
+    redis: aioredis.Redis,
+    redis_server: RedisServer,
+    settings: Settings,
+    merchant: Merchant,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while updates flow: the ledger entries the last batches committed (in the
+    partition outboxes) are on the balances when the worker has exited, each once.
+
+    The worker's ledger loop runs until the finishing loops are done, so whether entries
+    are still waiting when it is cancelled depends on timing; the shutdown's drain posts
+    whatever is left (its `ledger_drained` line counts them, kept as an artifact), and
+    either way the outboxes must be empty once the worker is gone.
+    """
+    rng = random.Random(13)
+    service = invoice_service(redis, settings)
+    plans, entries = await planned_flow(service, merchant, rng)
+    rng.shuffle(entries)  # payments complete all through the flow
+    expected = reference(plans, service.policy)
+    await ensure_group(redis)
+    # Info level: the worker's `ledger_drained` line says how many it posted on the way out.
+    env = processes.child_env(
+        redis_server.url,
+        COINVOICE_SHUTDOWN_SECONDS=str(SHUTDOWN_SECONDS),
+        COINVOICE_LOG_LEVEL="info",
+    )
+    first = processes.worker(env, tmp_path, 0)
+
+    async def feed() -> None:
+        """Small slices, so the worker applies (and commits ledger entries) up to its stop."""
+        for start in range(0, len(entries), 32):
+            await enqueue(redis, entries[start : start + 32])
+            await asyncio.sleep(0.02)  # about 2 s in all
+
+    async def beating() -> bool:
+        return await redis.zscore(keys.WORKERS, processes.consumer_name(first)) is not None
+
+    await eventually(beating, True, seconds=20)  # started: the flow meets a running worker
+    feeder = asyncio.create_task(feed())
+    try:
+
+        async def applied_some() -> bool:
+            return bool((await processes.ingest_stats(redis)).get("entries"))
+
+        await eventually(applied_some, True, seconds=20)
+        await asyncio.sleep(0.5)  # into the flow: batches with payments completing
+        first.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        code = await asyncio.to_thread(first.process.wait, SHUTDOWN_SECONDS + 2)  # type: ignore[union-attr]
+        log_text = first.log_path.read_text()
+        # Nothing else runs: what the outboxes lack now was posted by the stopped worker.
+        left_in_outboxes = await pending_entries(redis)
+        posted, sums, balances = await posted_ledger(redis, merchant)
+        await feeder
+        second = processes.worker(env, tmp_path, 1)
+        try:
+            await processes.wait_applied(redis)
+        finally:
+            second.stop()
+    finally:
+        feeder.cancel()
+        first.kill()
+    drained = [json.loads(line) for line in log_text.splitlines() if "ledger_drained" in line]
+    record_artifact(
+        "shutdown",
+        "worker-ledger",
+        {
+            "posted_on_shutdown": drained[0]["entries"] if drained else None,
+            "ledger_rows_at_exit": sum(posted.values()),
+        },
+    )
+    assert code == 0, log_text[-3000:]
+    assert drained, log_text[-3000:]
+    assert left_in_outboxes == 0
+    assert posted, "the worker applied no payment before it was stopped"
+    assert not posted - expected.ledger, "an entry posted twice, or one nobody committed"
+    assert balances == sums  # the balances are exactly the posted entries
+    # The second worker applied the rest: everything once, as the reference model says.
+    assert await mismatches(redis, merchant, expected) == []

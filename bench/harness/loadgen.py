@@ -45,6 +45,10 @@ class Connection:
 
     async def send(self, request: bytes) -> int:
         """Send a request, read the whole answer; its status code."""
+        return (await self.exchange(request))[0]
+
+    async def exchange(self, request: bytes) -> tuple[int, bytes]:
+        """Send a request, read the whole answer; its status code and body."""
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -52,9 +56,8 @@ class Connection:
         for line in head.split(b"\r\n")[1:]:
             if line[:15].lower() == b"content-length:":
                 length = int(line[15:])
-        if length:
-            await self.reader.readexactly(length)
-        return status
+        body = await self.reader.readexactly(length) if length else b""
+        return status, body
 
     def close(self) -> None:
         self.writer.close()

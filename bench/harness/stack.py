@@ -1,7 +1,7 @@
 """The processes a benchmark runs: its own Redis, receivers, workers, a merchant sink.
 
 Receivers and workers are the real `python -m receiver.commands.cli …` children of
-tests/processes.py, with warning-level logs (the measurement setting).
+tests/processes.py, with warning-level logs unless a bench asks for the default level.
 """
 
 from __future__ import annotations
@@ -52,9 +52,18 @@ def redis_server(data_dir: Path, appendfsync: str = "always") -> Iterator[RedisS
         server.stop()
 
 
-def child_env(redis_url: str, **extra: str) -> dict[str, str]:
-    """Receiver/worker environment: test keys, JSON logs at warning level, fast reclaim."""
-    return processes.child_env(redis_url, COINVOICE_LOG_LEVEL="warning", **extra)
+def child_env(redis_url: str, log_level: str | None = "warning", **extra: str) -> dict[str, str]:
+    """Receiver/worker environment: test keys, JSON logs, fast reclaim.
+
+    Logs at warning level unless told otherwise; `log_level=None` leaves the product's
+    default (info: a JSON line per state change, the access log on), as in production.
+    """
+    env = processes.child_env(redis_url, **extra)
+    if log_level is None:
+        env.pop("COINVOICE_LOG_LEVEL", None)
+    else:
+        env["COINVOICE_LOG_LEVEL"] = log_level
+    return env
 
 
 def wait_listening(port: int, child: subprocess.Popen[bytes] | None = None) -> None:
@@ -132,6 +141,11 @@ class SinkProcess:
         )  # fmt: skip
         wait_listening(self.port, self.process)
         return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
 
     def stop(self) -> None:
         if self.process is not None:

@@ -211,6 +211,10 @@ async def shutdown(ctx: Context) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    if "ledger" in ctx:
+        # The last batch's ledger entries onto the balances now, not by the next poster.
+        posted = await ctx["ledger"].drain(budget - (time.monotonic() - started))
+        log.info("ledger_drained", worker=ctx["name"], entries=posted)
     if "ingest" in ctx:
         log.info("ingest_stats", worker=ctx["name"], **ctx["ingest"].stats.as_dict())
     if "deliverer" in ctx:
