@@ -1,6 +1,7 @@
 """One Redis vs a Redis Cluster: applied updates/s, receiver accepts/s, Redis CPU, memory/invoice.
 
-Run: `.venv/bin/python bench/cluster_scaling.py` (about 2 minutes; prints one JSON object).
+Run: `.venv/bin/python bench/cluster_scaling.py` (about 2 minutes; prints one JSON object);
+`--memory-only`: only the 1-worker runs, for the memory figures (about 40 s).
 
 For each backend — one redis-server, and a cluster of 3 masters + 3
 replicas (tests/cluster.py: the same redis-server, `--cluster-enabled yes`,
@@ -206,8 +207,9 @@ async def receiver_run(name: str) -> dict[str, Any]:
     return {"backend": name, **result}
 
 
-async def main() -> dict[str, Any]:
+async def main(args: list[str]) -> dict[str, Any]:
     stack.quiet_logging()
+    memory_only = "--memory-only" in args
     out: dict[str, Any] = {"benchmark": "cluster_scaling", "machine": machine.describe()}
     out["settings"] = {
         "invoices": INVOICES,
@@ -218,10 +220,11 @@ async def main() -> dict[str, Any]:
     }
     runs = []
     for name in ("redis", "cluster"):
-        for workers in (1, 2):
+        for workers in (1,) if memory_only else (1, 2):
             runs.append(await workers_run(name, workers))
     out["workers"] = runs
-    out["receiver"] = [await receiver_run(name) for name in ("redis", "cluster")]
+    if not memory_only:
+        out["receiver"] = [await receiver_run(name) for name in ("redis", "cluster")]
     single = next(r for r in runs if r["backend"] == "redis" and r["workers"] == 1)
     clustered = next(r for r in runs if r["backend"] == "cluster" and r["workers"] == 1)
     out["memory_cluster_vs_one_redis"] = round(
@@ -231,4 +234,4 @@ async def main() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main()), indent=2))
+    print(json.dumps(asyncio.run(main(sys.argv[1:])), indent=2))

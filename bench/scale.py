@@ -3,9 +3,9 @@
 Run: `.venv/bin/python bench/scale.py` (about 1.5 minutes; prints one JSON object);
 `--million` adds a million invoices to the memory part, `--memory-only` skips part 2.
 
-1. Memory. Confirmed invoices (1,000, then 100,000 in all: MEMORY_SIZES), each paid in two transactions
-   (instalments: mempool, 1 confirmation, confirmed, twice; every merchant
-   callback delivered once), written with the store's own scripts:
+1. Memory. Confirmed invoices (1,000, then 100,000 in all: MEMORY_SIZES),
+   each paid in two transactions (instalments: mempool, 1 confirmation,
+   confirmed, twice; every merchant callback delivered once), written with the store's own scripts:
    the token and address lookups and create.lua, commit.lua with the final
    state and all its effects (callback outbox, ledger outbox), then
    delivery_done.lua per delivered callback. Reported: at each size the

@@ -33,10 +33,14 @@ from worker.store.codec import (
     invoice_json,
     load_invoice,
 )
-from worker.store.deliveries import Outcome, delivery_log, log_entry, parse_log_entry
+from worker.store.deliveries import (
+    Outcome,
+    delivery_log,
+    log_entry,
+    parse_log_entry,
+    record_call,
+)
 from worker.store.invoices import LedgerLine, decode_stored, ledger_line, parse_ledger_line
-
-ZDICT_1_SHA256_PREFIX = "74a917d0030f8df8"
 from worker.store.merchants import MerchantStore, make_merchant
 from worker.store.redis_server import RedisServer
 from worker.store.schedules import count_due
@@ -71,6 +75,10 @@ def test_stored_invoice_is_deflated_behind_its_marker() -> None:
         )
         assert load_invoice(stored) == invoice
         assert len(stored) < len(dump_invoice_json(invoice)) / 2
+
+
+# The first 16 hex digits of the dictionary's SHA-256: it must never change.
+ZDICT_1_SHA256_PREFIX = "74a917d0030f8df8"
 
 
 def test_the_preset_dictionary_never_changes() -> None:
@@ -163,6 +171,41 @@ def test_a_log_entry_reads_back_as_written(
         sequence,
         {"at": at, "status_code": status, "error": error, "duration_ms": duration},
     )
+
+
+async def test_the_log_is_in_the_delivery_hash_and_an_old_list_still_reads(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """delivery_done.lua logs each attempt as a field of `cv:dlv` (one key per invoice);
+    a log an earlier version kept in its own list (`cv:dlog`) shows first."""
+    service = invoice_service(redis, make_settings(redis_server.url))
+    merchant = make_merchant("Shop", "http://127.0.0.1:9/callbacks")
+    await MerchantStore(redis).add(merchant)
+    invoice = await service.create(
+        merchant, InvoiceRequest("f-1", "Tea", "EUR", Decimal("10"), timer=True)
+    )
+    invoice = replace(invoice, sequence=2)
+    await redis.hset(keys.delivery(invoice.id), "seq", 2)
+    # As the previous version left it: sequence 1 delivered after one failure.
+    failed = Outcome(None, "TimeoutError: slow", 10_002, delivered=False)
+    await redis.rpush(
+        keys.delivery_log(invoice.id),
+        log_entry(1, 100, failed),
+        log_entry(1, 160, Outcome(200, "", 4, delivered=True)),
+    )
+    await redis.hset(keys.delivery(invoice.id), "delivered", 1)
+    for at, outcome in (
+        (200, Outcome(500, "", 7, delivered=False)),
+        (260, Outcome(200, "", 3, delivered=True)),
+    ):
+        keys_, args = record_call(invoice.id, 2, outcome, at, [60])
+        await service.store.scripts.delivery_done(keys=keys_, args=args)
+    state = await redis.hgetall(keys.delivery(invoice.id))
+    assert state[b"n"] == b"2" and state[b"a1"].startswith(b"2 200 500 ")
+    assert await redis.object("encoding", keys.delivery(invoice.id)) == b"listpack"
+    log = await delivery_log(redis, invoice)
+    assert [row["state"] for row in log] == ["delivered", "delivered"]
+    assert [[a["at"] for a in row["attempts"]] for row in log] == [[100, 160], [200, 260]]
 
 
 # --------------------------------------------------------------------------- group commit

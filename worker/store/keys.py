@@ -152,6 +152,7 @@ def delivery(invoice_id: int) -> str:
 
 
 def delivery_log(invoice_id: int) -> str:
+    """The attempt log as a list of its own: written before the log moved into `delivery`."""
     return f"{PREFIX}dlog:{partition_tag(invoice_partition(invoice_id))}{invoice_id}"
 
 
