@@ -122,6 +122,21 @@ async def used_memory(redis: Client, backend: Backend) -> int:
     return total
 
 
+async def memory_stats(backend: Backend) -> dict[str, int]:
+    """MEMORY STATS summed over the masters (the numeric top-level fields)."""
+    total: dict[str, int] = {}
+    for port in backend.master_pids:
+        node = Client(port=int(port))
+        try:
+            stats = await node.memory_stats()
+        finally:
+            await node.aclose()
+        for name, value in stats.items():
+            if isinstance(value, int):
+                total[name] = total.get(name, 0) + value
+    return total
+
+
 async def workers_run(name: str, workers: int) -> dict[str, Any]:
     """Queue INVOICES × UPDATES_PER_INVOICE updates, start `workers` workers, measure."""
     with stack.scratch_dir(f"cl-{name}") as tmp:
@@ -134,6 +149,7 @@ async def workers_run(name: str, workers: int) -> dict[str, Any]:
                 await MerchantStore(redis).add(merchant)
                 service = invoice_service(redis, b.settings)
                 before = await used_memory(redis, b)
+                stats_before = await memory_stats(b)
                 invoices = await fill.create_invoices(service, merchant, INVOICES, random.Random(1))
                 updates = fill.round_robin(
                     [
@@ -162,6 +178,7 @@ async def workers_run(name: str, workers: int) -> dict[str, Any]:
                     for child in children:
                         child.stop()
                 after = await used_memory(redis, b)
+                stats_after = await memory_stats(b)
                 key_counts = (
                     {p: int(await Client(port=int(p)).dbsize()) for p in b.master_pids}
                     if name == "cluster"
@@ -179,6 +196,12 @@ async def workers_run(name: str, workers: int) -> dict[str, Any]:
         "worker_cpu_seconds": result["cpu_seconds"],
         "redis_master_cpu_seconds": redis_cpu,
         "memory_bytes_per_invoice": round((after - before) / INVOICES),
+        # Where it goes: MEMORY STATS after − before per invoice, summed over the masters.
+        "memory_stats_bytes_per_invoice": {
+            name: round((stats_after[name] - stats_before.get(name, 0)) / INVOICES, 1)
+            for name in stats_after
+            if stats_after[name] != stats_before.get(name, 0)
+        },
         "keys_per_master": key_counts,
     }
 

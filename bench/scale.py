@@ -337,15 +337,25 @@ async def memory_part(
             pass
         assert await pending_entries(redis) == 0
         after = await used_memory(redis)
-        by_size.append(
-            {
-                "invoices": size,
-                "built_in_s": round(time.monotonic() - started, 1),
-                "used_memory_delta_bytes_per_invoice": round((after - before) / size),
-                "keys_in_redis": int(await redis.dbsize()),
-            }
-        )
+        row = {
+            "invoices": size,
+            "built_in_s": round(time.monotonic() - started, 1),
+            "used_memory_delta_bytes_per_invoice": round((after - before) / size),
+            "keys_in_redis": int(await redis.dbsize()),
+        }
+        if by_size:
+            # What each invoice added since the previous size: the all-in figure of the
+            # smallest size also carries what the first invoices create once (the
+            # partitions' streams and schedules, the merchant's ledger, the key table).
+            previous = by_size[-1]
+            row["marginal_bytes_per_invoice_since_previous_size"] = round(
+                (after - previous["_used"]) / (size - previous["invoices"])
+            )
+        row["_used"] = after
+        by_size.append(row)
     largest = by_size[-1]["used_memory_delta_bytes_per_invoice"]
+    for row in by_size:
+        del row["_used"]
     stored = await service.store.get_many(random.Random(2).sample(chosen, 200))
     assert len(stored) == 200
     assert all(s.invoice.status.value == "confirmed" for s in stored.values())
