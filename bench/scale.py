@@ -49,7 +49,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from decimal import Decimal
 from typing import Any
@@ -172,13 +172,42 @@ def marked_key(key: str) -> str:
 def evalsha(
     sha: str, call: tuple[Sequence[str], Sequence[str | int | bytes]], invoice: Invoice
 ) -> list[bulk.Arg]:
-    """`bulk.evalsha` with the KEYS' partition tags as markers, and the stored `invoice`
-    (deflated: no marker can be replaced in it) computed for each invoice."""
+    """`bulk.evalsha` with the KEYS' partition tags as markers, and what no marker can be
+    replaced in computed for each invoice: the stored `invoice` (deflated) and its
+    lookups' buckets and fields (digests of its identity: `identity_indexes`)."""
     names, args = call
     stored = dump_invoice(invoice)
-    computed = [personalized(invoice) if a == stored else a for a in args]
-    assert computed != list(args), "the call stores no such invoice"
-    return bulk.evalsha(sha, ([marked_key(k) for k in names], computed))
+    computed: dict[str | bytes, bulk.Computed] = {
+        stored: personalized(invoice),
+        **identity_indexes(invoice),
+    }
+    marked_names = [computed.get(k) or marked_key(k) for k in names]
+    marked_args = [computed.get(a, a) if isinstance(a, str | bytes) else a for a in args]
+    assert any(callable(a) for a in marked_args), "the call stores no such invoice"
+    return bulk.evalsha(sha, (marked_names, marked_args))  # type: ignore[arg-type]
+
+
+def identity_indexes(invoice: Invoice) -> dict[str | bytes, bulk.Computed]:
+    """The template's lookup buckets and fields, each with how to compute an invoice's own."""
+    merchant = invoice.merchant
+    indexes: dict[str | bytes, bulk.Computed] = {}
+
+    def add(template: keys.Index, own: Callable[[dict[str, str]], keys.Index]) -> None:
+        indexes[template.key] = lambda values: own(values).key.encode()
+        indexes[template.field] = lambda values: own(values).field
+
+    add(
+        keys.foreign_id_index(merchant, invoice.foreign_id),
+        lambda v: keys.foreign_id_index(merchant, invoice.foreign_id.replace(FOREIGN, v[FOREIGN])),
+    )
+    add(keys.token_index(invoice.token), lambda v: keys.token_index(v[TOKEN]))
+    if invoice.address is not None:
+        currency = invoice.address.currency
+        add(
+            keys.address_index(currency, invoice.address.address),
+            lambda v: keys.address_index(currency, v[ADDRESS]),
+        )
+    return indexes
 
 
 def marked(
@@ -202,13 +231,15 @@ def personalized(invoice: Invoice) -> bulk.Computed:
     return render
 
 
-def lookups(invoice: Invoice) -> list[list[str]]:
-    """The token and address-owner keys `InvoiceStore.create` writes before create.lua."""
+def lookups(invoice: Invoice) -> list[list[bulk.Arg]]:
+    """The token and address-owner entries `InvoiceStore.create` writes before create.lua."""
     assert invoice.address is not None
-    owner = keys.address(invoice.address.currency, invoice.address.address)
+    computed = identity_indexes(invoice)
+    token = keys.token_index(invoice.token)
+    owner = keys.address_index(invoice.address.currency, invoice.address.address)
     return [
-        ["SET", keys.token(invoice.token), ID, "NX"],
-        ["SET", marked_key(owner), ID, "NX"],
+        ["HSETNX", computed[token.key], computed[token.field], ID],
+        ["HSETNX", computed[owner.key], computed[owner.field], ID],
     ]
 
 
@@ -295,14 +326,9 @@ async def confirmed_template(
 
 async def key_sizes(redis: aioredis.Redis, invoice: Invoice) -> dict[str, int]:
     """MEMORY USAGE (exact: all samples) of each key that belongs to one invoice."""
-    assert invoice.address is not None
     names = {
         "invoice": keys.invoice(invoice.id),
-        "foreign_id": keys.foreign_id(invoice.merchant, invoice.foreign_id),
-        "token": keys.token(invoice.token),
-        "address_owner": keys.address(invoice.address.currency, invoice.address.address),
         "delivery": keys.delivery(invoice.id),
-        "delivery_log": keys.delivery_log(invoice.id),
         "mails": keys.mails(invoice.id),
     }
     sizes = {}
@@ -311,6 +337,17 @@ async def key_sizes(redis: aioredis.Redis, invoice: Invoice) -> dict[str, int]:
         if size is not None:
             sizes[name] = int(size)
     return sizes
+
+
+async def index_sizes(redis: aioredis.Redis, invoices: int) -> dict[str, float]:
+    """MEMORY USAGE of every bucket of each lookup, over the invoices (their share)."""
+    out = {}
+    for name, pattern in (("foreign_id", "fids:*"), ("token", "toks:*"), ("address", "addrs:*")):
+        total = 0
+        async for key in redis.scan_iter(match=keys.PREFIX + pattern, count=1000):
+            total += int(await redis.execute_command("MEMORY", "USAGE", key, "SAMPLES", "0"))
+        out[name] = round(total / invoices, 1)
+    return out
 
 
 async def memory_part(
@@ -379,6 +416,7 @@ async def memory_part(
         "by_size": by_size,
         "memory_usage_bytes_per_invoice_by_key": per_key,
         "memory_usage_bytes_per_invoice_keys_total": sum(per_key.values()),
+        "lookup_buckets_bytes_per_invoice": await index_sizes(redis, len(chosen)),
         "merchant_ledger_bytes_per_invoice": round(int(ledger) / len(chosen)),
         "stored_invoice_bytes": await redis.strlen(keys.invoice(sample.id)),
         "goal_bytes_per_invoice": GOAL_BYTES_PER_INVOICE,
