@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -59,6 +60,11 @@ def decode_stored(raw: bytes) -> Stored:
     return Stored(load_invoice(data), int(version))
 
 
+async def _command(redis: Redis, *args: str | bytes | int) -> Any:
+    """One command as given: redis-py types hash fields as text, the lookups' are bytes."""
+    return await redis.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
 def _int(value: bytes | None) -> int | None:
     return None if value is None else int(value)
 
@@ -95,7 +101,7 @@ class InvoiceStore:
         """
         # No WAIT for the lookups: the create's WAIT below follows them, and covers them.
         token = keys.token_index(invoice.token)
-        await awaited(self.redis.hsetnx(token.key, token.field, invoice.id))
+        await _command(self.redis, "HSETNX", token.key, token.field, invoice.id)
         if invoice.address is not None:
             await self.claim_address(invoice.id, invoice.address.currency, invoice.address.address)
         keys_, args = self.create_call(invoice)
@@ -160,10 +166,10 @@ class InvoiceStore:
     async def queue_create(self, pipe: Pipeline, invoice: Invoice) -> None:
         """Add a create and its lookups to a pipeline (bulk loads); results end `[1, id]`."""
         token = keys.token_index(invoice.token)
-        pipe.hsetnx(token.key, token.field, invoice.id)
+        pipe.execute_command("HSETNX", token.key, token.field, invoice.id)
         if invoice.address is not None:
             owner = keys.address_index(invoice.address.currency, invoice.address.address)
-            pipe.hset(owner.key, owner.field, invoice.id)
+            pipe.execute_command("HSET", owner.key, owner.field, invoice.id)
         keys_, args = self.create_call(invoice)
         await self.scripts.create(keys=keys_, args=args, client=pipe)
 
@@ -201,14 +207,14 @@ class InvoiceStore:
 
     async def id_by_foreign_id(self, merchant: str, foreign_id: str) -> int | None:
         index = keys.foreign_id_index(merchant, foreign_id)
-        found = await awaited(self.redis.hget(index.key, index.field))
+        found = await _command(self.redis, "HGET", index.key, index.field)
         if found is None:  # claimed by an earlier version?
             found = await self.redis.get(keys.foreign_id(merchant, foreign_id))
         return _int(found)
 
     async def id_by_token(self, token: str) -> int | None:
         index = keys.token_index(token)
-        found = await awaited(self.redis.hget(index.key, index.field))
+        found = await _command(self.redis, "HGET", index.key, index.field)
         if found is None:  # indexed by an earlier version?
             found = await self.redis.get(keys.token(token))
         return _int(found)
@@ -223,7 +229,7 @@ class InvoiceStore:
         indexes = [keys.address_index(c, a) for c, a in pairs]
         async with self.redis.pipeline(transaction=False) as pipe:
             for index in indexes:
-                pipe.hget(index.key, index.field)
+                pipe.execute_command("HGET", index.key, index.field)
             owners: list[bytes | None] = await pipe.execute()
         missing = [n for n, owner in enumerate(owners) if owner is None]
         if missing:  # owners written by earlier versions (a key each); rare: a second trip
