@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -137,7 +138,29 @@ async def memory_stats(backend: Backend) -> dict[str, int]:
     return total
 
 
-async def workers_run(name: str, workers: int) -> dict[str, Any]:
+def key_kind(name: bytes) -> str:
+    """A key's kind: its name up to the first hash tag or digit (`cv:inv:`, `cv:fids:`, …)."""
+    text = name.decode(errors="replace")
+    return re.split(r"[{\d]", text, maxsplit=1)[0]
+
+
+async def usage_by_kind(backend: Backend) -> dict[str, dict[str, int]]:
+    """MEMORY USAGE of every key, summed by kind over the masters, with the key counts."""
+    out: dict[str, dict[str, int]] = {}
+    for port in backend.master_pids:
+        node = Client(port=int(port))
+        try:
+            async for name in node.scan_iter(count=1000):
+                size = await node.memory_usage(name, samples=0)
+                row = out.setdefault(key_kind(name), {"keys": 0, "bytes": 0})
+                row["keys"] += 1
+                row["bytes"] += int(size or 0)
+        finally:
+            await node.aclose()
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
+
+
+async def workers_run(name: str, workers: int, by_kind: bool = False) -> dict[str, Any]:
     """Queue INVOICES × UPDATES_PER_INVOICE updates, start `workers` workers, measure."""
     with stack.scratch_dir(f"cl-{name}") as tmp:
         async with backend(name, tmp) as b:
@@ -179,6 +202,7 @@ async def workers_run(name: str, workers: int) -> dict[str, Any]:
                         child.stop()
                 after = await used_memory(redis, b)
                 stats_after = await memory_stats(b)
+                kinds = await usage_by_kind(b) if by_kind else None
                 key_counts = (
                     {p: int(await Client(port=int(p)).dbsize()) for p in b.master_pids}
                     if name == "cluster"
@@ -203,6 +227,7 @@ async def workers_run(name: str, workers: int) -> dict[str, Any]:
             if stats_after[name] != stats_before.get(name, 0)
         },
         "keys_per_master": key_counts,
+        **({"memory_usage_by_key_kind": kinds} if kinds is not None else {}),
     }
 
 
@@ -244,7 +269,7 @@ async def main(args: list[str]) -> dict[str, Any]:
     runs = []
     for name in ("redis", "cluster"):
         for workers in (1,) if memory_only else (1, 2):
-            runs.append(await workers_run(name, workers))
+            runs.append(await workers_run(name, workers, by_kind=memory_only))
     out["workers"] = runs
     if not memory_only:
         out["receiver"] = [await receiver_run(name) for name in ("redis", "cluster")]
