@@ -27,6 +27,12 @@ invoice's partition, its foreign id's, its address's: worker/store/keys.py),
 so the template's tags are markers too, one per kind of key, and each
 invoice's ids are drawn as `InvoiceStore.next_id` draws them: in its foreign
 id's partition, from per-partition counters (kept here, stored at the end).
+What no marker can be replaced in is computed per invoice instead: the
+stored invoice (deflated: the template's JSON with the markers replaced,
+then deflated as the store does) and the lookups' buckets and fields
+(digests of the invoice's foreign id, token and address). The identity is
+as random as a real one (txids, addresses, tokens): a compressed invoice
+must not be flattered by runs of zeros.
 The ledger entries commit.lua leaves in the partitions' outboxes are posted
 onto the merchant's balances and ledger (`post_ledger`) before memory is
 read, as a worker does within a fraction of a second. Redis runs with AOF
