@@ -134,9 +134,20 @@ async def test_many_lookups_in_one_bucket(
     redis: aioredis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With one bucket per partition every lookup shares a few hashes, past the listpack
-    limit (128 entries) too: each entry still finds its own invoice, none another's."""
+    """With one bucket per partition every lookup shares a few hashes, and with a
+    listpack limit of 4 most are hash tables: each entry still finds its own invoice,
+    none another's."""
     monkeypatch.setattr(keys, "INDEX_BUCKETS", 1)
+    await redis.config_set("hash-max-listpack-entries", 4)
+    try:
+        await crowded_buckets(client, merchant, service, redis)
+    finally:
+        await redis.config_set("hash-max-listpack-entries", 512)
+
+
+async def crowded_buckets(
+    client: Client, merchant: Merchant, service: InvoiceService, redis: aioredis.Redis
+) -> None:
     created = [await new_invoice(client, merchant, f"crowd-{n}") for n in range(150)]
     store: InvoiceStore = service.store
     stored = await store.get_many([c["id"] for c in created])
@@ -149,6 +160,9 @@ async def test_many_lookups_in_one_bucket(
     buckets = [k async for k in redis.scan_iter(match=f"{keys.PREFIX}toks:*")]
     assert len(buckets) <= keys.partitions()
     assert sum([await redis.hlen(b) for b in buckets]) >= 150
+    crowded = {keys.token_index(s.invoice.token).key for s in stored.values()}
+    # Most of the 16 buckets hold more than 4 entries: hash tables (the rest listpacks).
+    assert b"hashtable" in {await redis.object("encoding", b) for b in crowded}
     # A foreign id in a crowded bucket is still claimed once.
     status, _ = await merchant_post(
         client,

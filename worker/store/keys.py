@@ -25,10 +25,10 @@ address → invoice id — are fields of *bucketed* hashes, not a key each
 the bucket comes from two more bytes of it. INDEX_BUCKETS buckets per
 partition (the foreign ids' and addresses' buckets carry their partition's
 tag, so create.lua claims a foreign id in the invoice's slot), as many for the
-tokens. A bucket of up to 128 entries is one compact listpack in Redis
-(hash-max-listpack-entries; the fields are short): ~25 bytes an entry instead of
+tokens. A bucket of up to 512 entries is one compact listpack in Redis
+(hash-max-listpack-entries, 512 by default; the fields are short): ~25 bytes an entry instead of
 a ~100-byte key, and far fewer keys (each key costs more in a cluster). Past
-~128 entries a bucket becomes a hash table, still no bigger than the keys
+512 entries a bucket becomes a hash table, still no bigger than the keys
 were. Versions before wrote one string key each (`foreign_id`, `token`,
 `address`); the store still reads those (docs/operations.md).
 
@@ -118,7 +118,8 @@ def foreign_id_partition(merchant_key: str, foreign: str) -> int:
 
 
 # Buckets per partition of each bucketed lookup (see the module docstring): with the
-# default 16 partitions 2,048 per lookup, ≤128 entries each up to ~250,000 invoices.
+# default 16 partitions 2,048 per lookup: ~490 entries each at 1,000,000 invoices, most
+# still within Redis' default listpack limit of 512.
 INDEX_BUCKETS = 128
 
 
