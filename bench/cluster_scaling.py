@@ -1,6 +1,7 @@
 """One Redis vs a Redis Cluster: applied updates/s, receiver accepts/s, Redis CPU, memory/invoice.
 
-Run: `.venv/bin/python bench/cluster_scaling.py` (about 2 minutes; prints one JSON object).
+Run: `.venv/bin/python bench/cluster_scaling.py` (about 2 minutes; prints one JSON object);
+`--memory-only`: only the 1-worker runs, for the memory figures (about 40 s).
 
 For each backend — one redis-server, and a cluster of 3 masters + 3
 replicas (tests/cluster.py: the same redis-server, `--cluster-enabled yes`,
@@ -28,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,7 @@ CONNECTIONS = 32
 RX_WARMUP_SECONDS = 2
 RX_SECONDS = 8
 RX_BODIES = 1_000
+DRAIN_ROUNDS = 6  # outbox_drained waits DRAIN_TIMEOUT_SECONDS each
 
 
 @dataclass
@@ -121,7 +124,44 @@ async def used_memory(redis: Client, backend: Backend) -> int:
     return total
 
 
-async def workers_run(name: str, workers: int) -> dict[str, Any]:
+async def memory_stats(backend: Backend) -> dict[str, int]:
+    """MEMORY STATS summed over the masters (the numeric top-level fields)."""
+    total: dict[str, int] = {}
+    for port in backend.master_pids:
+        node = Client(port=int(port))
+        try:
+            stats = await node.memory_stats()
+        finally:
+            await node.aclose()
+        for name, value in stats.items():
+            if isinstance(value, int):
+                total[name] = total.get(name, 0) + value
+    return total
+
+
+def key_kind(name: bytes) -> str:
+    """A key's kind: its name up to the first hash tag or digit (`cv:inv:`, `cv:fids:`, …)."""
+    text = name.decode(errors="replace")
+    return re.split(r"[{\d]", text, maxsplit=1)[0]
+
+
+async def usage_by_kind(backend: Backend) -> dict[str, dict[str, int]]:
+    """MEMORY USAGE of every key, summed by kind over the masters, with the key counts."""
+    out: dict[str, dict[str, int]] = {}
+    for port in backend.master_pids:
+        node = Client(port=int(port))
+        try:
+            async for name in node.scan_iter(count=1000):
+                size = await node.memory_usage(name, samples=0)
+                row = out.setdefault(key_kind(name), {"keys": 0, "bytes": 0})
+                row["keys"] += 1
+                row["bytes"] += int(size or 0)
+        finally:
+            await node.aclose()
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
+
+
+async def workers_run(name: str, workers: int, by_kind: bool = False) -> dict[str, Any]:
     """Queue INVOICES × UPDATES_PER_INVOICE updates, start `workers` workers, measure."""
     with stack.scratch_dir(f"cl-{name}") as tmp:
         async with backend(name, tmp) as b:
@@ -133,6 +173,7 @@ async def workers_run(name: str, workers: int) -> dict[str, Any]:
                 await MerchantStore(redis).add(merchant)
                 service = invoice_service(redis, b.settings)
                 before = await used_memory(redis, b)
+                stats_before = await memory_stats(b)
                 invoices = await fill.create_invoices(service, merchant, INVOICES, random.Random(1))
                 updates = fill.round_robin(
                     [
@@ -156,11 +197,18 @@ async def workers_run(name: str, workers: int) -> dict[str, Any]:
                         p: round(cpu_seconds(pid) - cpu_before[p], 2)
                         for p, pid in b.master_pids.items()
                     }
-                    await outbox_drained(redis)
+                    # Memory is compared with every callback delivered and recorded: an
+                    # undelivered one is still in a due zset, its attempts not yet logged.
+                    drained = None
+                    for _ in range(DRAIN_ROUNDS):
+                        if (drained := await outbox_drained(redis)) is not None:
+                            break
                 finally:
                     for child in children:
                         child.stop()
                 after = await used_memory(redis, b)
+                stats_after = await memory_stats(b)
+                kinds = await usage_by_kind(b) if by_kind else None
                 key_counts = (
                     {p: int(await Client(port=int(p)).dbsize()) for p in b.master_pids}
                     if name == "cluster"
@@ -178,7 +226,15 @@ async def workers_run(name: str, workers: int) -> dict[str, Any]:
         "worker_cpu_seconds": result["cpu_seconds"],
         "redis_master_cpu_seconds": redis_cpu,
         "memory_bytes_per_invoice": round((after - before) / INVOICES),
+        "callbacks_all_delivered": drained is not None,
+        # Where it goes: MEMORY STATS after − before per invoice, summed over the masters.
+        "memory_stats_bytes_per_invoice": {
+            name: round((stats_after[name] - stats_before.get(name, 0)) / INVOICES, 1)
+            for name in stats_after
+            if stats_after[name] != stats_before.get(name, 0)
+        },
         "keys_per_master": key_counts,
+        **({"memory_usage_by_key_kind": kinds} if kinds is not None else {}),
     }
 
 
@@ -206,8 +262,9 @@ async def receiver_run(name: str) -> dict[str, Any]:
     return {"backend": name, **result}
 
 
-async def main() -> dict[str, Any]:
+async def main(args: list[str]) -> dict[str, Any]:
     stack.quiet_logging()
+    memory_only = "--memory-only" in args
     out: dict[str, Any] = {"benchmark": "cluster_scaling", "machine": machine.describe()}
     out["settings"] = {
         "invoices": INVOICES,
@@ -218,10 +275,11 @@ async def main() -> dict[str, Any]:
     }
     runs = []
     for name in ("redis", "cluster"):
-        for workers in (1, 2):
-            runs.append(await workers_run(name, workers))
+        for workers in (1,) if memory_only else (1, 2):
+            runs.append(await workers_run(name, workers, by_kind=memory_only))
     out["workers"] = runs
-    out["receiver"] = [await receiver_run(name) for name in ("redis", "cluster")]
+    if not memory_only:
+        out["receiver"] = [await receiver_run(name) for name in ("redis", "cluster")]
     single = next(r for r in runs if r["backend"] == "redis" and r["workers"] == 1)
     clustered = next(r for r in runs if r["backend"] == "cluster" and r["workers"] == 1)
     out["memory_cluster_vs_one_redis"] = round(
@@ -231,4 +289,4 @@ async def main() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main()), indent=2))
+    print(json.dumps(asyncio.run(main(sys.argv[1:])), indent=2))

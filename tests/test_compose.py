@@ -165,8 +165,8 @@ async def test_compose_pays_an_invoice_through_haproxy(
     paid = callbacks[-1]
     replica = aioredis.Redis(port=PRIMARY_PORT + 1)
     try:
-        fid = keys.foreign_id(paid.headers["X-Processing-Key"], paid.json["foreign_id"])
-        assert await replica.exists(fid)
+        fid = keys.foreign_id_index(paid.headers["X-Processing-Key"], paid.json["foreign_id"])
+        assert await replica.hexists(fid.key, fid.field)
     finally:
         await replica.aclose()
 

@@ -4,6 +4,7 @@ commits and the delivery line behave exactly as the plain versions did."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -11,7 +12,7 @@ from decimal import Decimal
 
 import pytest
 import redis.asyncio as aioredis
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.machine_factories import make_invoice, run, update
@@ -24,8 +25,21 @@ from worker.outbox.delivery import PER_MERCHANT_IN_FLIGHT, Deliverer
 from worker.services.invoices import InvoiceRequest
 from worker.store import keys
 from worker.store.batching import GroupCommit
-from worker.store.codec import _INVOICE, dump_invoice, load_invoice
-from worker.store.deliveries import Outcome, delivery_log, log_entry, parse_log_entry
+from worker.store.codec import (
+    _INVOICE,
+    _ZDICT_1,
+    dump_invoice,
+    dump_invoice_json,
+    invoice_json,
+    load_invoice,
+)
+from worker.store.deliveries import (
+    Outcome,
+    delivery_log,
+    log_entry,
+    parse_log_entry,
+    record_call,
+)
 from worker.store.invoices import LedgerLine, decode_stored, ledger_line, parse_ledger_line
 from worker.store.merchants import MerchantStore, make_merchant
 from worker.store.redis_server import RedisServer
@@ -51,22 +65,57 @@ def two_payments(flag_second: bool = False) -> Invoice:
 # --------------------------------------------------------------------------- stored invoice
 
 
-def test_stored_json_leaves_out_what_each_transaction_repeats() -> None:
-    """Transactions carry no currency, address or `clear` compliance; loading restores them."""
+def test_stored_invoice_is_deflated_behind_its_marker() -> None:
+    """Format \\x01: raw deflate of the JSON with the preset dictionary; a round trip."""
+    for invoice in (two_payments(), two_payments(flag_second=True)):
+        stored = dump_invoice(invoice)
+        assert stored[:1] == b"\x01"
+        assert json.loads(invoice_json(stored)) == json.loads(
+            _INVOICE.dump_json(invoice, exclude_defaults=True)
+        )
+        assert load_invoice(stored) == invoice
+        assert len(stored) < len(dump_invoice_json(invoice)) / 2
+
+
+# The first 16 hex digits of the dictionary's SHA-256: it must never change.
+ZDICT_1_SHA256_PREFIX = "74a917d0030f8df8"
+
+
+def test_the_preset_dictionary_never_changes() -> None:
+    """Stored invoices can only be inflated with these exact bytes (a new one is \\x02)."""
+    assert hashlib.sha256(_ZDICT_1).hexdigest()[:16] == ZDICT_1_SHA256_PREFIX
+
+
+def test_a_truncated_stored_invoice_is_refused() -> None:
+    stored = dump_invoice(two_payments())
+    with pytest.raises(ValueError):
+        load_invoice(stored[:-8])
+
+
+@given(title=st.text(max_size=300), description=st.text(max_size=300))
+@settings(max_examples=50, deadline=None)
+def test_any_text_round_trips(title: str, description: str) -> None:
+    invoice = replace(two_payments(), title=title, description=description)
+    assert load_invoice(dump_invoice(invoice)) == invoice
+
+
+def test_previous_compact_json_leaves_out_what_each_transaction_repeats() -> None:
+    """The previous version's JSON (still read): transactions carry no currency, address
+    or `clear` compliance; loading restores them."""
     invoice = two_payments()
-    stored = json.loads(dump_invoice(invoice))
+    stored = json.loads(dump_invoice_json(invoice))
     assert len(stored["transactions"]) == 2
     for tx in stored["transactions"]:
         assert not {"currency", "address", "compliance"} & tx.keys()
-    assert load_invoice(dump_invoice(invoice)) == invoice
+    assert load_invoice(dump_invoice_json(invoice)) == invoice
 
 
 def test_a_flagged_transaction_keeps_its_compliance() -> None:
     """Only the usual value is implied: `flagged` is written out."""
     invoice = two_payments(flag_second=True)
-    stored = json.loads(dump_invoice(invoice))
+    stored = json.loads(dump_invoice_json(invoice))
     assert [tx.get("compliance") for tx in stored["transactions"]] == [None, "flagged"]
-    assert load_invoice(dump_invoice(invoice)) == invoice
+    assert load_invoice(dump_invoice_json(invoice)) == invoice
 
 
 def test_a_transaction_to_another_address_keeps_it() -> None:
@@ -74,10 +123,10 @@ def test_a_transaction_to_another_address_keeps_it() -> None:
     invoice = two_payments()
     other = replace(invoice.transactions[1], address="bc1qsomeoneelse")
     invoice = replace(invoice, transactions=(invoice.transactions[0], other))
-    stored = json.loads(dump_invoice(invoice))
+    stored = json.loads(dump_invoice_json(invoice))
     assert "address" not in stored["transactions"][0]
     assert stored["transactions"][1]["address"] == "bc1qsomeoneelse"
-    assert load_invoice(dump_invoice(invoice)) == invoice
+    assert load_invoice(dump_invoice_json(invoice)) == invoice
 
 
 def test_invoices_written_in_full_still_load() -> None:
@@ -89,7 +138,7 @@ def test_invoices_written_in_full_still_load() -> None:
 async def test_an_invoice_is_one_string_of_version_and_json(
     redis: aioredis.Redis, redis_server: RedisServer
 ) -> None:
-    """`cv:inv:{id}` is `{version}:{JSON}`; each committed change bumps the version."""
+    """`cv:inv:{id}` is `{version}:{stored form}`; each committed change bumps the version."""
     service = invoice_service(redis, make_settings(redis_server.url))
     merchant = make_merchant("Shop", "http://127.0.0.1:9/callbacks")
     await MerchantStore(redis).add(merchant)
@@ -97,7 +146,7 @@ async def test_an_invoice_is_one_string_of_version_and_json(
         merchant, InvoiceRequest("f-1", "Tea", "EUR", Decimal("10"), timer=True)
     )
     raw = await redis.get(keys.invoice(invoice.id))
-    assert raw.startswith(b"1:{") and decode_stored(raw).invoice == invoice
+    assert raw.startswith(b"1:\x01") and decode_stored(raw).invoice == invoice
     cancelled = await service.cancel(merchant.key, "f-1")
     stored = decode_stored(await redis.get(keys.invoice(invoice.id)))
     assert (stored.version, stored.invoice) == (2, cancelled)
@@ -122,6 +171,41 @@ def test_a_log_entry_reads_back_as_written(
         sequence,
         {"at": at, "status_code": status, "error": error, "duration_ms": duration},
     )
+
+
+async def test_the_log_is_in_the_delivery_hash_and_an_old_list_still_reads(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """delivery_done.lua logs each attempt as a field of `cv:dlv` (one key per invoice);
+    a log an earlier version kept in its own list (`cv:dlog`) shows first."""
+    service = invoice_service(redis, make_settings(redis_server.url))
+    merchant = make_merchant("Shop", "http://127.0.0.1:9/callbacks")
+    await MerchantStore(redis).add(merchant)
+    invoice = await service.create(
+        merchant, InvoiceRequest("f-1", "Tea", "EUR", Decimal("10"), timer=True)
+    )
+    invoice = replace(invoice, sequence=2)
+    await redis.hset(keys.delivery(invoice.id), "seq", 2)
+    # As the previous version left it: sequence 1 delivered after one failure.
+    failed = Outcome(None, "TimeoutError: slow", 10_002, delivered=False)
+    await redis.rpush(
+        keys.delivery_log(invoice.id),
+        log_entry(1, 100, failed),
+        log_entry(1, 160, Outcome(200, "", 4, delivered=True)),
+    )
+    await redis.hset(keys.delivery(invoice.id), "delivered", 1)
+    for at, outcome in (
+        (200, Outcome(500, "", 7, delivered=False)),
+        (260, Outcome(200, "", 3, delivered=True)),
+    ):
+        keys_, args = record_call(invoice.id, 2, outcome, at, [60])
+        await service.store.scripts.delivery_done(keys=keys_, args=args)
+    state = await redis.hgetall(keys.delivery(invoice.id))
+    assert state[b"n"] == b"2" and state[b"a1"].startswith(b"2 200 500 ")
+    assert await redis.object("encoding", keys.delivery(invoice.id)) == b"listpack"
+    log = await delivery_log(redis, invoice)
+    assert [row["state"] for row in log] == ["delivered", "delivered"]
+    assert [[a["at"] for a in row["attempts"]] for row in log] == [[100, 160], [200, 260]]
 
 
 # --------------------------------------------------------------------------- group commit

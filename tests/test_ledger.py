@@ -55,7 +55,8 @@ async def paid_plans(redis: aioredis.Redis, url: str, merchant: Merchant, count:
 async def test_every_scripts_keys_share_one_slot(
     redis: aioredis.Redis, redis_server: RedisServer, merchant: Merchant
 ) -> None:
-    """create, commit, delivery_done, ledger_apply, rates_*: each call's KEYS hash to one slot."""
+    """create, commit, delivery_done, address_claim, ledger_apply, rates_*: each call's KEYS
+    hash to one slot."""
     service = invoice_service(redis, make_settings(redis_server.url))
     plans = await create_plans(service, merchant, 5, random.Random(1))
     store: InvoiceStore = service.store
@@ -72,8 +73,13 @@ async def test_every_scripts_keys_share_one_slot(
         assert keys.refund_token("r" * 32) not in store.commit_call(stored, issuing, 0)[0]
         done_keys, _ = record_call(invoice.id, 1, Outcome(200, "", 1, True), 0, (60,))
         assert one_slot(create_keys) and one_slot(commit_keys) and one_slot(done_keys)
+        assert invoice.address is not None
+        claim_keys, _ = store.address_claim_call(
+            invoice.id, invoice.address.currency, invoice.address.address
+        )
+        assert one_slot(claim_keys)
         # …and the balances are in another slot than the invoice: hence the ledger outbox.
-        assert key_slot(keys.balance(merchant.key).encode()) != key_slot(create_keys[1].encode())
+        assert key_slot(keys.balance(merchant.key).encode()) != key_slot(create_keys[2].encode())
     assert one_slot(
         [keys.balance("m"), keys.ledger("m"), keys.ledger_applied("m"), keys.merchant("m")]
     )

@@ -25,6 +25,7 @@ from tests.support import record_artifact
 from worker.domain.models import Merchant
 from worker.store import keys
 from worker.store.codec import load_update
+from worker.store.invoices import decode_stored
 from worker.store.redis_server import RedisServer
 from worker.store.streams import all_entries
 
@@ -87,11 +88,10 @@ async def acknowledged_tx_ids(redis: aioredis.Redis) -> set[int]:
 
 
 async def created_foreign_ids(redis: aioredis.Redis, merchant: Merchant) -> list[str]:
-    """Every foreign id the merchant has an invoice for (one key each, unique by design)."""
-    # cv:fid:{partition tag}{merchant}:{foreign id}
-    found = [key.decode() async for key in redis.scan_iter(f"{keys.PREFIX}fid:*")]
-    own = (key.split("}", 1)[1] for key in found)
-    return [key.removeprefix(f"{merchant.key}:") for key in own if key.startswith(merchant.key)]
+    """Every foreign id the merchant has an invoice for (one invoice each, unique by design)."""
+    found = [key async for key in redis.scan_iter(f"{keys.PREFIX}inv:*")]
+    invoices = [decode_stored(raw).invoice for raw in await redis.mget(found)] if found else []
+    return [i.foreign_id for i in invoices if i.merchant == merchant.key]
 
 
 async def run_losing_one(

@@ -215,7 +215,8 @@ async def test_fifty_racing_creates_make_one_invoice(
     statuses = sorted(status for status, _ in results)
     assert statuses == [200] + [400] * 49
     created = next(body for status, body in results if status == 200)["data"]
-    assert int(await redis.get(keys.foreign_id(merchant.key, "race"))) == created["id"]
+    claim = keys.foreign_id_index(merchant.key, "race")
+    assert int(await redis.hget(claim.key, claim.field)) == created["id"]
     assert [k async for k in redis.scan_iter(match=f"{keys.PREFIX}inv:*")] == [
         keys.invoice(created["id"]).encode()
     ]

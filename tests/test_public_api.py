@@ -147,8 +147,13 @@ async def test_racing_confirms_assign_one_address(
     service = client.server.app[appkeys.SERVICE]
     assigned = (await service.by_token(token(invoice))).invoice.address
     assert assigned is not None and {assigned.address} == addresses
-    assert int(await redis.get(keys.address("BTC", assigned.address))) == invoice["id"]
+    owner = keys.address_index("BTC", assigned.address)
+    assert int(await redis.hget(owner.key, owner.field)) == invoice["id"]
     # A confirm claims its address before its commit (another slot); the losers' claims
     # name this invoice but own nothing: ingest treats deposits to them as orphans.
-    owners = [await redis.get(k) async for k in redis.scan_iter(match=f"{keys.PREFIX}addr:*")]
-    assert {int(owner) for owner in owners} == {invoice["id"]}
+    owners = [
+        owner
+        async for key in redis.scan_iter(match=f"{keys.PREFIX}addrs:*")
+        for owner in (await redis.hgetall(key)).values()
+    ]
+    assert owners and {int(owner) for owner in owners} == {invoice["id"]}

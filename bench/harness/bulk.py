@@ -7,17 +7,24 @@ is spelled with markers; each invoice's calls are the template's with the
 markers replaced, encoded as RESP by hand and written down one connection,
 a few thousand at a time (hiredis parses the replies). The scripts are the
 real ones (EVALSHA), so the data is exactly what the store would write.
+
+An argument no marker can be replaced in (the stored invoice is deflated:
+worker/store/codec.py) is given as a function of the values instead, called
+for each invoice (`Template.render`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
 import hiredis
 
 Command = Sequence[str | bytes | int]
+# A template argument computed from each invoice's values (see `Template.render`).
+Computed = Callable[[dict[str, str]], bytes]
+Arg = str | bytes | Computed
 
 # Commands written before their replies are read.
 CHUNK = 2_000
@@ -32,28 +39,38 @@ def encode(command: Command) -> bytes:
     return b"".join(parts)
 
 
-def evalsha(sha: str, call: tuple[Sequence[str], Sequence[str | int | bytes]]) -> list[str]:
-    """An EVALSHA command for a script call given as (KEYS, ARGV), every argument as text."""
+def evalsha(sha: str, call: tuple[Sequence[str], Sequence[Arg | int]]) -> list[Arg]:
+    """An EVALSHA command for a script call given as (KEYS, ARGV): text, bytes or computed."""
     keys, args = call
-    text = [a.decode() if isinstance(a, bytes) else str(a) for a in args]
+    text: list[Arg] = [a if isinstance(a, bytes) or callable(a) else str(a) for a in args]
     return ["EVALSHA", sha, str(len(keys)), *keys, *text]
 
 
 class Template:
-    """Commands for one invoice, with markers to be replaced by another invoice's values."""
+    """Commands for one invoice, with markers to be replaced by another invoice's values.
 
-    def __init__(self, commands: Iterable[Sequence[str]]) -> None:
+    A text argument has its markers replaced; a bytes one is sent as it is; a
+    function is called with the values (an argument whose markers cannot be
+    replaced in place, like a deflated invoice).
+    """
+
+    def __init__(self, commands: Iterable[Sequence[Arg]]) -> None:
         self.commands = [list(c) for c in commands]
 
-    def render(self, values: dict[str, str]) -> list[list[str]]:
+    def render(self, values: dict[str, str]) -> list[list[str | bytes]]:
         out = []
         for command in self.commands:
-            rendered = []
+            rendered: list[str | bytes] = []
             for arg in command:
-                for marker, value in values.items():
-                    if marker in arg:
-                        arg = arg.replace(marker, value)
-                rendered.append(arg)
+                if isinstance(arg, str):
+                    for marker, value in values.items():
+                        if marker in arg:
+                            arg = arg.replace(marker, value)
+                    rendered.append(arg)
+                elif isinstance(arg, bytes):
+                    rendered.append(arg)
+                else:
+                    rendered.append(arg(values))
             out.append(rendered)
         return out
 

@@ -1,8 +1,10 @@
 """The record of a merchant callback's delivery: state, attempt log, redelivery (spec §6, §9).
 
 `cv:dlv:{id}` holds the delivery state of the invoice's newest snapshot and
-`cv:dlog:{id}` one line per attempt; `delivery_done.lua` records an attempt
-atomically with the state. The loop that makes the attempts is
+its attempt log, one field per attempt (`a1`, `a2`, …, counted by `n`);
+`delivery_done.lua` records an attempt atomically with the state. Versions
+before kept the log in a list of its own, `cv:dlog:{id}`; it is still read,
+before the hash's entries. The loop that makes the attempts is
 `worker.outbox.delivery`.
 """
 
@@ -16,7 +18,6 @@ from redis.asyncio import Redis
 
 from worker.domain.models import Invoice
 from worker.store import keys
-from worker.store.connection import awaited
 from worker.store.invoices import InvoiceStore
 
 
@@ -44,7 +45,6 @@ def record_call(
         [
             keys.delivery_due(keys.invoice_partition(invoice_id)),
             keys.delivery(invoice_id),
-            keys.delivery_log(invoice_id),
         ],
         [
             invoice_id,
@@ -84,10 +84,19 @@ def parse_log_entry(raw: bytes | str) -> tuple[int, dict[str, Any]]:
     return sequence, {"at": at, "status_code": code, "error": error, "duration_ms": duration}
 
 
+def logged_attempts(state: dict[bytes, bytes]) -> list[bytes]:
+    """The attempt-log entries of a delivery hash (`a1`, `a2`, …), oldest first."""
+    count = int(state.get(b"n", 0))
+    return [state[name] for n in range(1, count + 1) if (name := b"a%d" % n) in state]
+
+
 async def delivery_log(redis: Redis, invoice: Invoice) -> list[dict[str, Any]]:
     """Every sequence of the invoice, oldest first, with its state and attempts (spec §6)."""
-    state = await awaited(redis.hgetall(keys.delivery(invoice.id)))
-    raw = await awaited(redis.lrange(keys.delivery_log(invoice.id), 0, -1))
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.delivery(invoice.id))
+        pipe.lrange(keys.delivery_log(invoice.id), 0, -1)  # written by earlier versions
+        state, raw = await pipe.execute()
+    raw = [*raw, *logged_attempts(state)]
 
     def number(name: bytes) -> int:
         value = state.get(name)

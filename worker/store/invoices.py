@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -59,6 +60,11 @@ def decode_stored(raw: bytes) -> Stored:
     return Stored(load_invoice(data), int(version))
 
 
+async def _command(redis: Redis, *args: str | bytes | int) -> Any:
+    """One command as given: redis-py types hash fields as text, the lookups' are bytes."""
+    return await redis.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
 def _int(value: bytes | None) -> int | None:
     return None if value is None else int(value)
 
@@ -94,7 +100,8 @@ class InvoiceStore:
         no invoice (readers check), never an invoice that cannot be found.
         """
         # No WAIT for the lookups: the create's WAIT below follows them, and covers them.
-        await self.redis.set(keys.token(invoice.token), invoice.id, nx=True)
+        token = keys.token_index(invoice.token)
+        await _command(self.redis, "HSETNX", token.key, token.field, invoice.id)
         if invoice.address is not None:
             await self.claim_address(invoice.id, invoice.address.currency, invoice.address.address)
         keys_, args = self.create_call(invoice)
@@ -120,13 +127,18 @@ class InvoiceStore:
         a bug in allocation (addresses are never handed out twice) and raises.
         Not WAITed for here: the write that assigns the address is, and comes after.
         """
-        key = keys.address(currency, address)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(key, invoice_id, nx=True)
-            pipe.get(key)
-            _, owner = await pipe.execute()
-        if int(owner) != invoice_id:
-            raise AddressOwned(f"{currency} {address} is owned by invoice {int(owner)}")
+        keys_, args = self.address_claim_call(invoice_id, currency, address)
+        owner = int(await self.scripts.address_claim(keys=keys_, args=args))
+        if owner != invoice_id:
+            raise AddressOwned(f"{currency} {address} is owned by invoice {owner}")
+
+    @staticmethod
+    def address_claim_call(
+        invoice_id: int, currency: str, address: str
+    ) -> tuple[list[str], list[str | int | bytes]]:
+        """KEYS and ARGV of address_claim.lua (an owner written by earlier versions wins)."""
+        index = keys.address_index(currency, address)
+        return [keys.address(currency, address), index.key], [index.field, invoice_id]
 
     async def claim_refund_token(self, invoice_id: int, refund_token: str) -> None:
         """Index a refund token to `invoice_id`, before the commit that stores it on the invoice.
@@ -153,22 +165,26 @@ class InvoiceStore:
 
     async def queue_create(self, pipe: Pipeline, invoice: Invoice) -> None:
         """Add a create and its lookups to a pipeline (bulk loads); results end `[1, id]`."""
-        pipe.set(keys.token(invoice.token), invoice.id, nx=True)
+        token = keys.token_index(invoice.token)
+        pipe.execute_command("HSETNX", token.key, token.field, invoice.id)
         if invoice.address is not None:
-            pipe.set(keys.address(invoice.address.currency, invoice.address.address), invoice.id)
+            owner = keys.address_index(invoice.address.currency, invoice.address.address)
+            pipe.execute_command("HSET", owner.key, owner.field, invoice.id)
         keys_, args = self.create_call(invoice)
         await self.scripts.create(keys=keys_, args=args, client=pipe)
 
     def create_call(self, invoice: Invoice) -> tuple[list[str], list[str | int | bytes]]:
         """KEYS and ARGV of create.lua for one new invoice."""
         fire_at = deadline(invoice, self.policy)
+        claim = keys.foreign_id_index(invoice.merchant, invoice.foreign_id)
         return (
             [
                 keys.foreign_id(invoice.merchant, invoice.foreign_id),
+                claim.key,
                 keys.invoice(invoice.id),
                 keys.timers(keys.invoice_partition(invoice.id)),
             ],
-            [invoice.id, dump_invoice(invoice), "" if fire_at is None else fire_at],
+            [invoice.id, dump_invoice(invoice), "" if fire_at is None else fire_at, claim.field],
         )
 
     async def get(self, invoice_id: int) -> Stored | None:
@@ -190,10 +206,18 @@ class InvoiceStore:
         }
 
     async def id_by_foreign_id(self, merchant: str, foreign_id: str) -> int | None:
-        return _int(await self.redis.get(keys.foreign_id(merchant, foreign_id)))
+        index = keys.foreign_id_index(merchant, foreign_id)
+        found = await _command(self.redis, "HGET", index.key, index.field)
+        if found is None:  # claimed by an earlier version?
+            found = await self.redis.get(keys.foreign_id(merchant, foreign_id))
+        return _int(found)
 
     async def id_by_token(self, token: str) -> int | None:
-        return _int(await self.redis.get(keys.token(token)))
+        index = keys.token_index(token)
+        found = await _command(self.redis, "HGET", index.key, index.field)
+        if found is None:  # indexed by an earlier version?
+            found = await self.redis.get(keys.token(token))
+        return _int(found)
 
     async def id_by_refund_token(self, refund_token: str) -> int | None:
         return _int(await self.redis.get(keys.refund_token(refund_token)))
@@ -202,7 +226,16 @@ class InvoiceStore:
         """Owners of (currency, address) pairs, in one round trip."""
         if not pairs:
             return []
-        owners = await _get_all(self.redis, [keys.address(c, a) for c, a in pairs])
+        indexes = [keys.address_index(c, a) for c, a in pairs]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for index in indexes:
+                pipe.execute_command("HGET", index.key, index.field)
+            owners: list[bytes | None] = await pipe.execute()
+        missing = [n for n, owner in enumerate(owners) if owner is None]
+        if missing:  # owners written by earlier versions (a key each); rare: a second trip
+            earlier = await _get_all(self.redis, [keys.address(*pairs[n]) for n in missing])
+            for n, owner in zip(missing, earlier, strict=True):
+                owners[n] = owner
         return [_int(owner) for owner in owners]
 
     async def commit(self, stored: Stored, transition: Transition, now: int) -> bool:

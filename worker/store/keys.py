@@ -16,8 +16,21 @@ cluster:
 * **address allocation** (``{a}``): pools, HD counters and the address ids;
 * **live rates** (``{rates}``): the rate table, its leader lease, the sources' health.
 
-Lookups by random token (``cv:tok:…``, ``cv:rtok:…``) carry no tag: they spread
+Lookups by random token (``cv:toks:…``, ``cv:rtok:…``) carry no tag: they spread
 by themselves, and are written before the commit that makes them true.
+
+The three lookups every invoice has — foreign id, public token, deposit
+address → invoice id — are fields of *bucketed* hashes, not a key each
+(`Index`): the field is 12 bytes of a BLAKE2b digest of the looked-up value,
+the bucket comes from two more bytes of it. INDEX_BUCKETS buckets per
+partition (the foreign ids' and addresses' buckets carry their partition's
+tag, so create.lua claims a foreign id in the invoice's slot), as many for the
+tokens. A bucket of up to 512 entries is one compact listpack in Redis
+(hash-max-listpack-entries, 512 by default; the fields are short): ~25 bytes an entry instead of
+a ~100-byte key, and far fewer keys (each key costs more in a cluster). Past
+512 entries a bucket becomes a hash table, still no bigger than the keys
+were. Versions before wrote one string key each (`foreign_id`, `token`,
+`address`); the store still reads those (docs/operations.md).
 
 The number of partitions (``COINVOICE_STREAM_PARTITIONS``) is part of the data
 layout: an invoice's id says its partition (``id % partitions``), so it is set
@@ -26,7 +39,9 @@ once per deployment, before the first invoice, like a Kafka topic's.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
+from dataclasses import dataclass
 from functools import cache
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
@@ -102,6 +117,46 @@ def foreign_id_partition(merchant_key: str, foreign: str) -> int:
     return zlib.crc32(f"{merchant_key}\0{foreign}".encode()) % _partitions
 
 
+# Buckets per partition of each bucketed lookup (see the module docstring): with the
+# default 16 partitions 2,048 per lookup: ~490 entries each at 1,000,000 invoices, most
+# still within Redis' default listpack limit of 512.
+INDEX_BUCKETS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Index:
+    """Where one lookup entry lives: a field of a bucketed hash."""
+
+    key: str
+    field: bytes
+
+
+def _digest(kind: str, value: str) -> tuple[bytes, int]:
+    """The entry's field (12 bytes) and its bucket number, from one digest of the value."""
+    digest = hashlib.blake2b(value.encode(), digest_size=16, person=kind.encode()).digest()
+    return digest[:12], int.from_bytes(digest[12:], "big") % INDEX_BUCKETS
+
+
+def foreign_id_index(merchant_key: str, foreign: str) -> Index:
+    """The foreign-id claim: in the foreign id's partition, like the invoice it names."""
+    field, bucket = _digest("fid", f"{merchant_key}\0{foreign}")
+    tag = partition_tag(foreign_id_partition(merchant_key, foreign))
+    return Index(f"{PREFIX}fids:{tag}{bucket}", field)
+
+
+def address_index(currency: str, addr: str) -> Index:
+    """The deposit address's owner: in the address's updates partition."""
+    field, bucket = _digest("addr", f"{currency}:{addr}")
+    return Index(f"{PREFIX}addrs:{partition_tag(address_partition(currency, addr))}{bucket}", field)
+
+
+def token_index(public_token: str) -> Index:
+    """The public token's invoice; no tag (tokens are random, their buckets spread)."""
+    field, bucket = _digest("tok", public_token)
+    partition = zlib.crc32(public_token.encode()) % _partitions
+    return Index(f"{PREFIX}toks:{partition}.{bucket}", field)
+
+
 # ----------------------------------------------------------------- per partition
 
 
@@ -143,6 +198,7 @@ def invoice(invoice_id: int) -> str:
 
 
 def foreign_id(merchant_key: str, foreign: str) -> str:
+    """The foreign-id claim as versions before wrote it (one key; now `foreign_id_index`)."""
     tag = partition_tag(foreign_id_partition(merchant_key, foreign))
     return f"{PREFIX}fid:{tag}{merchant_key}:{foreign}"
 
@@ -152,6 +208,7 @@ def delivery(invoice_id: int) -> str:
 
 
 def delivery_log(invoice_id: int) -> str:
+    """The attempt log as a list of its own: written before the log moved into `delivery`."""
     return f"{PREFIX}dlog:{partition_tag(invoice_partition(invoice_id))}{invoice_id}"
 
 
@@ -165,12 +222,12 @@ def refund_token(token: str) -> str:
 
 
 def address(currency: str, addr: str) -> str:
-    """Invoice id owning a deposit address; in the address's updates partition."""
+    """Invoice id owning a deposit address, as versions before wrote it (now `address_index`)."""
     return f"{PREFIX}addr:{partition_tag(address_partition(currency, addr))}{currency}:{addr}"
 
 
 def token(public_token: str) -> str:
-    """Invoice id of a public token; no tag: tokens are random and spread by themselves."""
+    """Invoice id of a public token, as versions before wrote it (now `token_index`)."""
     return f"{PREFIX}tok:{public_token}"
 
 

@@ -60,6 +60,7 @@ class Scripts:
 
     def __init__(self, redis: Redis) -> None:
         self.create = Script(redis, "create")
+        self.address_claim = Script(redis, "address_claim")
         self.commit = Script(redis, "commit")
         self.ledger_apply = Script(redis, "ledger_apply")
         self.dec_add = Script(redis, "dec_add")

@@ -1,19 +1,22 @@
 -- Record one delivery attempt of an invoice's snapshot and decide what is next.
 --
--- KEYS[1] delivery-due zset   KEYS[2] delivery hash   KEYS[3] delivery log list
+-- KEYS[1] delivery-due zset   KEYS[2] delivery hash (state and attempt log)
 -- ARGV[1] invoice id          ARGV[2] attempted sequence
 -- ARGV[3] '1' delivered, '0' failed, 'x' failed for good (no retry can help)
--- ARGV[4] attempt record JSON ARGV[5] now (unix seconds)
+-- ARGV[4] attempt log entry   ARGV[5] now (unix seconds)
 -- ARGV[6] retry schedule: comma-separated delays in seconds
 -- Returns {state, next attempt time or -1}; state is delivered, retrying or dead.
 --
 -- The delivery hash holds: seq (newest committed sequence, written by
 -- commit.lua), delivered (highest sequence delivered), tries (failed attempts
--- of sequence `for`), dead (a sequence that exhausted its attempts).
+-- of sequence `for`), dead (a sequence that exhausted its attempts), and the
+-- attempt log: n (how many attempts were logged) and a1, a2, … one entry each
+-- (worker/store/deliveries.py log_entry). Small fields, so the hash stays one
+-- compact listpack; it replaced a list key of its own (cv:dlog, still read).
 
 local id, attempted, outcome = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local now = tonumber(ARGV[5])
-redis.call('RPUSH', KEYS[3], ARGV[4])
+redis.call('HSET', KEYS[2], 'a' .. redis.call('HINCRBY', KEYS[2], 'n', 1), ARGV[4])
 local newest = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
 
 if outcome == '1' then
