@@ -18,7 +18,7 @@ The rules are spec §3–§5. The properties the rest of the system relies on:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from worker.domain.effects import Callback, Effect, Email, LedgerEntry, LedgerKind
@@ -43,6 +43,7 @@ from worker.domain.models import (
     TxStatus,
 )
 from worker.domain.money import ZERO, div, floor8, half_up8, mul
+from worker.domain.records import replace
 
 # Failure texts, exactly as spec §5.
 NOT_PAID = "Timer expired. User not paid."
