@@ -372,3 +372,35 @@ async def test_worker_posts_its_last_batchs_ledger_entries_before_exiting(
     assert balances == sums  # the balances are exactly the posted entries
     # The second worker applied the rest: everything once, as the reference model says.
     assert await mismatches(redis, merchant, expected) == []
+
+
+# arq's close() closes its pool with redis-py's deprecated close().
+@pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")
+async def test_a_job_cancelled_by_the_stop_signal_does_not_skip_shutdown(
+    settings: Settings,
+) -> None:
+    """arq gathers its cancelled job tasks without return_exceptions; ours still shuts down.
+
+    The race seen under load: SIGTERM cancels the running `fire_timers` job and
+    its CancelledError came out of `Worker.close` before `on_shutdown` ran.
+    """
+    from arq.connections import create_pool
+
+    from worker.app.main import arq_redis_settings, build_worker
+
+    worker = build_worker(settings)
+    shut_down: list[bool] = []
+
+    async def on_shutdown(ctx: object) -> None:
+        shut_down.append(True)
+
+    worker.on_shutdown = on_shutdown
+    worker._pool = await create_pool(arq_redis_settings(settings))
+    job = asyncio.create_task(asyncio.sleep(60))
+    worker.tasks["fire_timers"] = job
+    worker.handle_sig(signal.SIGTERM)  # what arq does on the signal: cancels the job
+
+    await worker.close()
+
+    assert job.cancelled()
+    assert shut_down == [True]

@@ -93,7 +93,8 @@ async def _heartbeat(ctx: Context) -> None:
     while True:
         loops = [task for task in ctx["tasks"] if task.get_name() != "heartbeat"]
         dead = [task for task in loops if task.done()]
-        if dead:
+        # Once shutdown has asked them to stop, the finishing loops end on purpose.
+        if dead and not ctx["stop_mail"].is_set():
             log.error(
                 "worker_loop_died",
                 loops=[task.get_name() for task in dead],
@@ -287,6 +288,19 @@ class ResilientWorker(Worker):
             await super()._poll_iteration()
         except REDIS_UNAVAILABLE as exc:
             log.warning("arq_poll_redis_error", error=repr(exc))
+
+    async def close(self) -> None:
+        """arq's close, but a job cancelled by the stop signal cannot skip `shutdown`.
+
+        On SIGTERM arq cancels its job tasks, then gathers them without
+        `return_exceptions`: the once-a-second `fire_timers` job, cut off at the
+        wrong await, let CancelledError out of `close` before `on_shutdown` ran
+        (exit 1, the batch in hand and the ledger drain skipped). They are
+        awaited here, and only running ones are left for arq to gather.
+        """
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        self.tasks.clear()
+        await super().close()
 
 
 def build_worker(settings: Settings) -> Worker:
