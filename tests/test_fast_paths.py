@@ -21,7 +21,7 @@ from tests.support import make_settings
 from worker.app.runtime import invoice_service
 from worker.domain.effects import LedgerEntry, LedgerKind
 from worker.domain.models import Compliance, Invoice, PaymentType, TxStatus
-from worker.outbox.delivery import PER_MERCHANT_IN_FLIGHT, Deliverer
+from worker.outbox.delivery import CLAIM_BATCH, PER_MERCHANT_IN_FLIGHT, Deliverer
 from worker.services.invoices import InvoiceRequest
 from worker.store import keys
 from worker.store.batching import GroupCommit
@@ -270,7 +270,8 @@ async def test_callbacks_beyond_a_merchants_cap_wait_in_line_not_a_second(
     service = invoice_service(redis, settings)
     merchant = make_merchant("Shop", sink.url("/shop"))
     await MerchantStore(redis).add(merchant)
-    count = 3 * PER_MERCHANT_IN_FLIGHT
+    count = 2 * PER_MERCHANT_IN_FLIGHT  # over the cap, within one claim
+    assert count <= CLAIM_BATCH
     ids = []
     for n in range(count):
         created = await service.create(

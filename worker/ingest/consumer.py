@@ -3,7 +3,10 @@
 The receiver `enqueue`s each transaction update into the partition of the
 updates stream its deposit address belongs to (worker/store/streams.py) and
 answers 200 only then. Every worker reads every partition through its
-consumer group (one reader task per partition), in batches:
+consumer group, in batches — on one Redis with one XREADGROUP over all the
+partitions (a batch spans them; one address lives in one partition, so an
+invoice's updates keep their order), on a cluster with one reader task per
+partition (the partitions live in different slots):
 
 1. parse the batch, find each update's invoice by its deposit address;
 2. read all those invoices in one pipeline;
@@ -28,7 +31,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -47,7 +50,7 @@ from worker.services.invoices import (
 )
 from worker.store import keys
 from worker.store.codec import dump_update, load_update
-from worker.store.connection import REDIS_UNAVAILABLE, acknowledged, awaited
+from worker.store.connection import REDIS_UNAVAILABLE, acknowledged, awaited, is_cluster
 from worker.store.invoices import Stored, issued_refund_token
 from worker.store.streams import ensure_group as ensure_partition_group
 from worker.store.streams import ensure_groups
@@ -118,12 +121,18 @@ class Ingest:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Consume every partition until stopped, one reader task each (a cluster runs each
-        on the partition's master)."""
-        readers = [
-            asyncio.create_task(self.run_partition(p), name=f"ingest-{p}")
-            for p in range(keys.partitions())
-        ]
+        """Consume every partition until stopped: on one Redis with one reader for all of
+        them, on a cluster with a reader task per partition (on the partition's master)."""
+        if is_cluster(self.redis):
+            readers = [
+                asyncio.create_task(self.run_partition(p), name=f"ingest-{p}")
+                for p in range(keys.partitions())
+            ]
+        else:
+            # One read, one batch, one commit pipeline for every partition: a reader per
+            # partition made a batch of one or two updates at 500/s, each paying the
+            # round trips of a whole batch (bench/end_to_end.py).
+            readers = [asyncio.create_task(self.run_partitions(), name="ingest-all")]
         try:
             await asyncio.gather(*readers)
         finally:
@@ -159,6 +168,55 @@ class Ingest:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 backlog = True
+
+    async def run_partitions(self) -> None:
+        """Consume every partition with one reader (one Redis); same recovery as
+        `run_partition`, partition by partition."""
+        partitions = range(keys.partitions())
+        failures = 0
+        backlog = True
+        next_reclaim = 0.0
+        while not self._stopping.is_set():
+            try:
+                if failures or time.monotonic() >= next_reclaim:
+                    for p in partitions:
+                        await ensure_partition_group(self.redis, p)
+                        await self.reclaim(p)
+                        await self.forget_dead_consumers(p)
+                    next_reclaim = time.monotonic() + RECLAIM_EVERY_SECONDS
+                if backlog:
+                    for p in partitions:
+                        while entries := await self.read(p, backlog=True):
+                            await self.process(p, entries)
+                    backlog = False
+                batches = await self.read_new()
+                if batches:
+                    await self.process_batches(batches)
+                failures = 0
+            except REDIS_UNAVAILABLE as exc:
+                failures += 1
+                delay = min(BACKOFF_CAP_SECONDS, BACKOFF_FIRST_SECONDS * 2**failures)
+                log.warning("ingest_redis_error", error=repr(exc), retry_in_s=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                backlog = True
+
+    async def read_new(self) -> dict[int, list[Entry]]:
+        """New entries of every partition in one blocking read: partition → entries.
+
+        COUNT is per stream, so each partition gives at most its share of a batch.
+        """
+        count = keys.partitions()
+        streams = {keys.updates(p): ">" for p in range(count)}
+        response = await self.redis.xreadgroup(
+            keys.UPDATES_GROUP,
+            self.consumer,
+            streams,  # type: ignore[arg-type]  # redis-py types the ids narrowly
+            count=max(1, -(-self.batch // count)),
+            block=BLOCK_MS,
+        )
+        partition_of = {keys.updates(p): p for p in range(count)}
+        return {partition_of[_text(name)]: entries for name, entries in response if entries}
 
     async def read(self, partition: int, backlog: bool) -> list[Entry]:
         """New entries (blocking briefly), or our own pending ones when `backlog`."""
@@ -241,8 +299,15 @@ class Ingest:
         self, partition: int, entries: Sequence[Entry], reclaimed: bool = False
     ) -> None:
         """Apply a batch of one partition, then acknowledge it (never the other way round)."""
-        # This batch's counters: the partitions' readers run concurrently, so each batch
-        # counts its own and adds them to the process's and the system-wide ones at the end.
+        await self.process_batches({partition: entries}, reclaimed)
+
+    async def process_batches(
+        self, batches: Mapping[int, Sequence[Entry]], reclaimed: bool = False
+    ) -> None:
+        """Apply the entries of one or more partitions as one batch, then acknowledge them."""
+        entries = [entry for part in batches.values() for entry in part]
+        # This batch's counters: readers may run concurrently, so each batch counts its
+        # own and adds them to the process's and the system-wide ones at the end.
         batch = IngestStats(entries=len(entries), reclaimed=len(entries) if reclaimed else 0)
         updates: list[TransactionUpdate] = []
         broken: list[Entry] = []
@@ -264,10 +329,11 @@ class Ingest:
         orphans += await self._apply(by_invoice, batch)
         await self._keep_orphans(orphans, batch)
         await self._park(broken, "unreadable entry", batch)
-        ids = [entry_id for entry_id, _ in entries]
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(keys.updates(partition), keys.UPDATES_GROUP, *ids)
-            pipe.xdel(keys.updates(partition), *ids)
+            for partition, part in batches.items():
+                ids = [entry_id for entry_id, _ in part]
+                pipe.xack(keys.updates(partition), keys.UPDATES_GROUP, *ids)
+                pipe.xdel(keys.updates(partition), *ids)
             # System-wide counters for /metrics and the crash tests.
             for name, value in batch.as_dict().items():
                 if value:

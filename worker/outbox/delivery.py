@@ -59,9 +59,12 @@ log = get_logger(__name__)
 
 # Invoices claimed per round trip.
 CLAIM_BATCH = 64
-# Attempts in flight per worker process, and per merchant within it.
+# Attempts in flight per worker process, and per merchant within it. A merchant's rate
+# is capped near PER_MERCHANT_IN_FLIGHT / its answer time per worker: 8 held one merchant
+# to ~600 callbacks/s against a local sink (p99 17 s end to end at 1,000/s); at 32 a
+# hanging merchant still holds only an eighth of the process's slots.
 MAX_IN_FLIGHT = 256
-PER_MERCHANT_IN_FLIGHT = 8
+PER_MERCHANT_IN_FLIGHT = 32
 # A claimed invoice is not claimed again for the request timeout plus this (seconds),
 # so a lease only lapses after its attempt has certainly given up.
 LEASE_MARGIN_SECONDS = 5
