@@ -1,7 +1,12 @@
 """One Redis vs a Redis Cluster: applied updates/s, receiver accepts/s, Redis CPU, memory/invoice.
 
 Run: `.venv/bin/python bench/cluster_scaling.py` (about 2 minutes; prints one JSON object);
-`--memory-only`: only the 1-worker runs, for the memory figures (about 40 s).
+`--memory-only`: only the 1-worker runs, for the memory figures (about 40 s; one batch
+from an empty store, so one-time per-master structures are divided by INVOICES);
+`--marginal [--invoices 20000] [--backends redis,redis+replica,cluster,cluster-no-replicas]`:
+the memory an invoice costs on each backend — two equal batches, memory read before and
+after each (every master's MEMORY STATS, MEMORY USAGE and elements of every key, by kind),
+the second batch's bytes per invoice being the marginal cost (about 90 s a backend).
 
 For each backend — one redis-server, and a cluster of 3 masters + 3
 replicas (tests/cluster.py: the same redis-server, `--cluster-enabled yes`,
@@ -479,6 +484,8 @@ def _option(args: list[str], name: str, default: str) -> str:
 async def marginal_main(args: list[str]) -> dict[str, Any]:
     """`--marginal [--invoices N] [--backends a,b,…]`: memory_run on each backend."""
     invoices = int(_option(args, "--invoices", "20000"))
+    if invoices < 1_000:  # measure_progress needs a batch that lasts a while
+        raise SystemExit("--invoices: at least 1,000")
     names = _option(args, "--backends", "redis,cluster").split(",")
     out: dict[str, Any] = {"benchmark": "cluster_scaling --marginal", "machine": machine.describe()}
     out["settings"] = {
