@@ -1,7 +1,12 @@
 """One Redis vs a Redis Cluster: applied updates/s, receiver accepts/s, Redis CPU, memory/invoice.
 
 Run: `.venv/bin/python bench/cluster_scaling.py` (about 2 minutes; prints one JSON object);
-`--memory-only`: only the 1-worker runs, for the memory figures (about 40 s).
+`--memory-only`: only the 1-worker runs, for the memory figures (about 40 s; one batch
+from an empty store, so one-time per-master structures are divided by INVOICES);
+`--marginal [--invoices 20000] [--backends redis,redis+replica,cluster,cluster-no-replicas]`:
+the memory an invoice costs on each backend — two equal batches, memory read before and
+after each (every master's MEMORY STATS, MEMORY USAGE and elements of every key, by kind),
+the second batch's bytes per invoice being the marginal cost (about 90 s a backend).
 
 For each backend — one redis-server, and a cluster of 3 masters + 3
 replicas (tests/cluster.py: the same redis-server, `--cluster-enabled yes`,
@@ -72,17 +77,30 @@ class Backend:
 @contextlib.asynccontextmanager
 async def backend(name: str, tmp: Path) -> AsyncIterator[Backend]:
     """One redis-server, or a 3+3 cluster with a small Redis for arq; AOF always everywhere."""
-    if name == "redis":
+    if name in ("redis", "redis+replica"):
         with stack.redis_server(tmp / "redis") as server:
             assert server.process is not None
-            yield Backend(
-                name,
-                make_settings(server.url),
-                stack.child_env(server.url),
-                {str(server.port): server.process.pid},
-            )
+            replica = None
+            if name == "redis+replica":
+                replica = RedisServer(
+                    data_dir=tmp / "replica",
+                    appendfsync="always",
+                    extra_args=("--replicaof", "127.0.0.1", str(server.port)),
+                ).start()
+                await _replica_online(server.port)
+            try:
+                yield Backend(
+                    name,
+                    make_settings(server.url),
+                    stack.child_env(server.url),
+                    {str(server.port): server.process.pid},
+                )
+            finally:
+                if replica is not None:
+                    replica.stop()
         return
-    cluster = LocalCluster(tmp / "cluster", appendfsync="always").start()
+    replicas = 0 if name == "cluster-no-replicas" else 1
+    cluster = LocalCluster(tmp / "cluster", appendfsync="always", replicas=replicas).start()
     arq = RedisServer(data_dir=tmp / "arq").start()
     try:
         settings = make_settings(None, redis_cluster_nodes=cluster.startup_nodes)
@@ -99,6 +117,24 @@ async def backend(name: str, tmp: Path) -> AsyncIterator[Backend]:
     finally:
         arq.stop()
         cluster.stop()
+
+
+async def _replica_online(port: int) -> None:
+    node = Client(port=port)
+    try:
+        for _ in range(300):
+            info = await node.info("replication")
+            if info.get("slave0", {}).get("state") == "online":
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await node.aclose()
+    raise RuntimeError("the replica did not come online")
+
+
+# used_memory less what depends on replicas and clients, not on the data (a master's
+# replication backlog fills up to repl-backlog-size, 1 MiB, as it replicates).
+_BUFFERS = ("mem_replication_backlog", "mem_clients_slaves", "mem_clients_normal", "mem_aof_buffer")
 
 
 async def used_memory(redis: Client, backend: Backend) -> int:
@@ -159,6 +195,157 @@ async def usage_by_kind(backend: Backend) -> dict[str, dict[str, int]]:
         finally:
             await node.aclose()
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
+
+
+# Elements of a key, by its type: what a stream or a schedule holds when memory is read.
+_LENGTH = {b"stream": "XLEN", b"zset": "ZCARD", b"hash": "HLEN", b"list": "LLEN", b"set": "SCARD"}
+
+
+async def _add_usage(node: Client, names: list[bytes], kinds: dict[str, dict[str, int]]) -> None:
+    """Add the keys' MEMORY USAGE (every element), count and elements to their kinds' rows."""
+    pipe = node.pipeline(transaction=False)
+    for name in names:
+        pipe.memory_usage(name, samples=0)
+        pipe.type(name)
+    replies = await pipe.execute()
+    pipe = node.pipeline(transaction=False)
+    for name, kind in zip(names, replies[1::2], strict=True):
+        command = _LENGTH.get(kind if isinstance(kind, bytes) else kind.encode())
+        pipe.execute_command(command or "STRLEN", name)
+    lengths = await pipe.execute()
+    for name, size, length in zip(names, replies[0::2], lengths, strict=True):
+        row = kinds.setdefault(key_kind(name), {"keys": 0, "bytes": 0, "elements": 0})
+        row["keys"] += 1
+        row["bytes"] += int(size or 0)
+        row["elements"] += int(length or 0)
+
+
+async def snapshot(backend: Backend, by_kind: bool) -> dict[str, Any]:
+    """Per master: INFO memory, MEMORY STATS (db.0 flattened), key count; and, summed over
+    the masters, MEMORY USAGE / keys / elements by key kind (every key, not only invoices')."""
+    nodes: dict[str, Any] = {}
+    kinds: dict[str, dict[str, int]] = {}
+    for port in backend.master_pids:
+        node = Client(port=int(port))
+        try:
+            info = await node.info("memory")
+            stats = await node.memory_stats()
+            flat = {k: v for k, v in stats.items() if isinstance(v, int)}
+            for k, v in (stats.get("db.0") or {}).items():
+                flat[f"db.0.{k}"] = int(v)
+            nodes[port] = {
+                "used_memory": int(info["used_memory"]),
+                "data": int(info["used_memory"]) - sum(int(info.get(f, 0)) for f in _BUFFERS),
+                "stats": flat,
+            }
+            if not by_kind:
+                continue
+            batch: list[bytes] = []
+            async for name in node.scan_iter(count=1000):
+                batch.append(name)
+                if len(batch) >= 1000:
+                    await _add_usage(node, batch, kinds)
+                    batch = []
+            if batch:
+                await _add_usage(node, batch, kinds)
+        finally:
+            await node.aclose()
+    return {"nodes": nodes, "kinds": kinds}
+
+
+def per_invoice(after: dict[str, Any], before: dict[str, Any], invoices: int) -> dict[str, Any]:
+    """after − before over the invoices: the masters' data memory, the MEMORY STATS fields
+    that moved, and MEMORY USAGE by key kind (with keys and elements per invoice)."""
+
+    def total(snap: dict[str, Any], field: str) -> int:
+        return sum(n["stats"].get(field, 0) for n in snap["nodes"].values())
+
+    fields = {f for n in after["nodes"].values() for f in n["stats"]}
+    stats = {
+        f: round((total(after, f) - total(before, f)) / invoices, 1)
+        for f in sorted(fields)
+        if total(after, f) != total(before, f) and f != "peak.allocated"
+    }
+    kinds = {}
+    for kind in sorted(set(after["kinds"]) | set(before["kinds"])):
+        a = after["kinds"].get(kind, {"keys": 0, "bytes": 0, "elements": 0})
+        b = before["kinds"].get(kind, {"keys": 0, "bytes": 0, "elements": 0})
+        kinds[kind] = {
+            f: round((a[f] - b[f]) / invoices, 2) for f in ("bytes", "keys", "elements")
+        } | {"total_bytes": a["bytes"], "total_elements": a["elements"]}
+    data = sum(n["data"] for n in after["nodes"].values()) - sum(
+        n["data"] for n in before["nodes"].values()
+    )
+    return {
+        "bytes_per_invoice": round(data / invoices, 1),
+        "memory_stats": stats,
+        "memory_usage_by_kind": kinds,
+        "keys_usage_sum": round(sum(k["bytes"] for k in kinds.values()), 1),
+        # Each master's key table (entries + buckets, a power of two), at the end.
+        "main_hashtable_bytes": {
+            p: n["stats"].get("db.0.overhead.hashtable.main", 0) for p, n in after["nodes"].items()
+        },
+        "keys_per_master": {p: n["stats"].get("keys.count", 0) for p, n in after["nodes"].items()},
+    }
+
+
+async def memory_run(name: str, invoices: int) -> dict[str, Any]:
+    """Two equal batches of `invoices` invoices, each paid (two updates), its callbacks
+    delivered; memory read before, after the first and after the second batch. The second
+    batch's bytes per invoice are the marginal cost (no one-time structures in it)."""
+    with stack.scratch_dir(f"clmem-{name}") as tmp:
+        async with backend(name, tmp) as b:
+            redis = connect(b.settings)
+            port = free_port()
+            merchant = make_merchant("Bench shop", f"http://127.0.0.1:{port}/callbacks")
+            sink = stack.SinkProcess(tmp, merchant.secret, port=port).start()
+            snaps = []
+            try:
+                await MerchantStore(redis).add(merchant)
+                await ensure_group(redis)
+                service = invoice_service(redis, b.settings)
+                snaps.append(await snapshot(b, by_kind=True))
+                drained_all = True
+                for batch, salt in enumerate(("", "b")):
+                    created = await fill.create_invoices(
+                        service, merchant, invoices, random.Random(batch + 1), salt=salt
+                    )
+                    updates = fill.round_robin(
+                        [
+                            fill.payment(i, tx_id=(batch * invoices + n) * 10)[:UPDATES_PER_INVOICE]
+                            for n, i in enumerate(created, 1)
+                        ]
+                    )
+                    items = [queued(u) for u in updates]
+                    done = int(await redis.hget(keys.INGEST_STATS, "entries") or 0)
+                    for start in range(0, len(items), ENQUEUE_CHUNK):
+                        await enqueue(redis, items[start : start + ENQUEUE_CHUNK])
+                    children = [stack.worker(b.env, tmp, 0)]
+
+                    async def entries(done: int = done) -> int:
+                        return int(await redis.hget(keys.INGEST_STATS, "entries") or 0) - done
+
+                    try:
+                        await measure_progress(entries, len(items), [c.pid for c in children])
+                        drained = None
+                        for _ in range(DRAIN_ROUNDS):
+                            if (drained := await outbox_drained(redis)) is not None:
+                                break
+                        drained_all = drained_all and drained is not None
+                    finally:
+                        for child in children:
+                            child.stop()
+                    snaps.append(await snapshot(b, by_kind=True))
+            finally:
+                sink.stop()
+                await redis.aclose()
+    return {
+        "backend": name,
+        "invoices_per_batch": invoices,
+        "callbacks_all_delivered": drained_all,
+        "first_batch": per_invoice(snaps[1], snaps[0], invoices),
+        "second_batch_marginal": per_invoice(snaps[2], snaps[1], invoices),
+    }
 
 
 async def workers_run(name: str, workers: int, by_kind: bool = False) -> dict[str, Any]:
@@ -264,6 +451,8 @@ async def receiver_run(name: str) -> dict[str, Any]:
 
 async def main(args: list[str]) -> dict[str, Any]:
     stack.quiet_logging()
+    if "--marginal" in args:
+        return await marginal_main(args)
     memory_only = "--memory-only" in args
     out: dict[str, Any] = {"benchmark": "cluster_scaling", "machine": machine.describe()}
     out["settings"] = {
@@ -285,6 +474,36 @@ async def main(args: list[str]) -> dict[str, Any]:
     out["memory_cluster_vs_one_redis"] = round(
         clustered["memory_bytes_per_invoice"] / single["memory_bytes_per_invoice"], 3
     )
+    return out
+
+
+def _option(args: list[str], name: str, default: str) -> str:
+    return args[args.index(name) + 1] if name in args else default
+
+
+async def marginal_main(args: list[str]) -> dict[str, Any]:
+    """`--marginal [--invoices N] [--backends a,b,…]`: memory_run on each backend."""
+    invoices = int(_option(args, "--invoices", "20000"))
+    if invoices < 1_000:  # measure_progress needs a batch that lasts a while
+        raise SystemExit("--invoices: at least 1,000")
+    names = _option(args, "--backends", "redis,cluster").split(",")
+    out: dict[str, Any] = {"benchmark": "cluster_scaling --marginal", "machine": machine.describe()}
+    out["settings"] = {
+        "invoices_per_batch": invoices,
+        "updates_per_invoice": UPDATES_PER_INVOICE,
+        "partitions": keys.partitions(),
+        "redis_appendfsync": "always",
+    }
+    runs = [await memory_run(name, invoices) for name in names]
+    out["runs"] = runs
+    base = runs[0]
+    out["vs_" + base["backend"]] = {
+        run["backend"]: {
+            batch: round(run[batch]["bytes_per_invoice"] / base[batch]["bytes_per_invoice"], 3)
+            for batch in ("first_batch", "second_batch_marginal")
+        }
+        for run in runs[1:]
+    }
     return out
 
 

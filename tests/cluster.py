@@ -1,4 +1,4 @@
-"""A real Redis Cluster on loopback for the tests: 3 masters and 3 replicas.
+"""A real Redis Cluster on loopback for the tests: 3 masters and 3 replicas (or none).
 
 Six `redis-server --cluster-enabled yes` processes on free ports (each with
 its own bus port) and one `redis-cli --cluster create … --cluster-replicas 1`,
@@ -32,14 +32,15 @@ class LocalCluster:
     """3 masters + 3 replicas, every node a real redis-server bound to 127.0.0.1."""
 
     root: Path
-    size: int = 6
+    # Replicas per master (the benchmarks also run without any, to compare with one Redis).
+    replicas: int = 1
     # Durability in the tests comes from replica acknowledgements (WAIT), as in the issue;
     # the benchmarks use "always" like every other one.
     appendfsync: str = "everysec"
     nodes: list[RedisServer] = field(default_factory=list)
 
     def start(self) -> LocalCluster:
-        for n in range(self.size):
+        for n in range(3 * (1 + self.replicas)):
             node = RedisServer(
                 data_dir=self.root / f"node{n}",
                 appendfsync=self.appendfsync,
@@ -60,13 +61,13 @@ class LocalCluster:
             [
                 "redis-cli", "--cluster", "create",
                 *(f"127.0.0.1:{node.port}" for node in self.nodes),
-                "--cluster-replicas", "1", "--cluster-yes",
+                "--cluster-replicas", str(self.replicas), "--cluster-yes",
             ],
             check=True,
             capture_output=True,
             timeout=60,
         )  # fmt: skip
-        self.wait_settled()
+        self.wait_settled(replicas_each=self.replicas)
         return self
 
     @property
