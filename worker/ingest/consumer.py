@@ -3,10 +3,10 @@
 The receiver `enqueue`s each transaction update into the partition of the
 updates stream its deposit address belongs to (worker/store/streams.py) and
 answers 200 only then. Every worker reads every partition through its
-consumer group, in batches — on one Redis with one XREADGROUP over all the
-partitions (a batch spans them; one address lives in one partition, so an
-invoice's updates keep their order), on a cluster with one reader task per
-partition (the partitions live in different slots):
+consumer group, in batches — on one Redis a few reader tasks each take a share
+of the partitions in one XREADGROUP (a batch spans them; one address lives in
+one partition, so an invoice's updates keep their order), on a cluster one
+reader task per partition (the partitions live in different slots):
 
 1. parse the batch, find each update's invoice by its deposit address;
 2. read all those invoices in one pipeline;
@@ -59,6 +59,8 @@ log = get_logger(__name__)
 
 # Entries taken per read; one batch costs about five Redis round trips in all.
 BATCH = 256
+# Reader tasks of a worker on one Redis, each owning every READERS_ONE_REDIS-th partition.
+READERS_ONE_REDIS = 4
 # How long an idle read blocks waiting for new entries (milliseconds).
 BLOCK_MS = 1000
 # How often a worker looks for entries left by dead workers (seconds).
@@ -121,60 +123,35 @@ class Ingest:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Consume every partition until stopped: on one Redis with one reader for all of
-        them, on a cluster with a reader task per partition (on the partition's master)."""
-        if is_cluster(self.redis):
-            readers = [
-                asyncio.create_task(self.run_partition(p), name=f"ingest-{p}")
-                for p in range(keys.partitions())
-            ]
-        else:
-            # One read, one batch, one commit pipeline for every partition: a reader per
-            # partition made a batch of one or two updates at 500/s, each paying the
-            # round trips of a whole batch (bench/end_to_end.py).
-            readers = [asyncio.create_task(self.run_partitions(), name="ingest-all")]
-        try:
-            await asyncio.gather(*readers)
-        finally:
-            for reader in readers:
-                reader.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
+        """Consume every partition until stopped, with a few readers each owning a share.
 
-    async def run_partition(self, partition: int) -> None:
-        """Consume one partition until stopped; ride out Redis restarts; re-read our pending
-        entries after one."""
+        A reader takes new entries from all of its partitions in one XREADGROUP and
+        applies them as one batch: a reader per partition made batches of one or two
+        updates at 500/s, each paying the round trips of a whole batch, while one
+        reader for everything leaves the CPU idle during each batch's round trips
+        (bench/end_to_end.py, bench/worker_throughput.py). Each partition has one
+        reader per worker, so a reader's own pending entries are its own. A cluster's
+        partitions live in different slots: there each has a reader of its own.
+        """
+        count = keys.partitions()
+        readers = count if is_cluster(self.redis) else min(count, READERS_ONE_REDIS)
+        shares = [list(range(first, count, readers)) for first in range(readers)]
+        tasks = [
+            asyncio.create_task(self.run_partitions(share), name=f"ingest-{share[0]}")
+            for share in shares
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def run_partitions(self, partitions: Sequence[int]) -> None:
+        """Consume these partitions until stopped; ride out Redis restarts; re-read our
+        pending entries after one."""
         failures = 0
         backlog = True  # first our own unacknowledged entries (after a restart)
-        next_reclaim = 0.0
-        while not self._stopping.is_set():
-            try:
-                if failures or time.monotonic() >= next_reclaim:
-                    await ensure_partition_group(self.redis, partition)
-                    await self.reclaim(partition)
-                    await self.forget_dead_consumers(partition)
-                    next_reclaim = time.monotonic() + RECLAIM_EVERY_SECONDS
-                entries = await self.read(partition, backlog)
-                if backlog and not entries:
-                    backlog = False
-                elif entries:
-                    await self.process(partition, entries)
-                failures = 0
-            except REDIS_UNAVAILABLE as exc:
-                failures += 1
-                delay = min(BACKOFF_CAP_SECONDS, BACKOFF_FIRST_SECONDS * 2**failures)
-                log.warning(
-                    "ingest_redis_error", partition=partition, error=repr(exc), retry_in_s=delay
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                backlog = True
-
-    async def run_partitions(self) -> None:
-        """Consume every partition with one reader (one Redis); same recovery as
-        `run_partition`, partition by partition."""
-        partitions = range(keys.partitions())
-        failures = 0
-        backlog = True
         next_reclaim = 0.0
         while not self._stopping.is_set():
             try:
@@ -189,33 +166,37 @@ class Ingest:
                         while entries := await self.read(p, backlog=True):
                             await self.process(p, entries)
                     backlog = False
-                batches = await self.read_new()
+                batches = await self.read_new(partitions)
                 if batches:
                     await self.process_batches(batches)
                 failures = 0
             except REDIS_UNAVAILABLE as exc:
                 failures += 1
                 delay = min(BACKOFF_CAP_SECONDS, BACKOFF_FIRST_SECONDS * 2**failures)
-                log.warning("ingest_redis_error", error=repr(exc), retry_in_s=delay)
+                log.warning(
+                    "ingest_redis_error",
+                    partitions=list(partitions),
+                    error=repr(exc),
+                    retry_in_s=delay,
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 backlog = True
 
-    async def read_new(self) -> dict[int, list[Entry]]:
-        """New entries of every partition in one blocking read: partition → entries.
+    async def read_new(self, partitions: Sequence[int]) -> dict[int, list[Entry]]:
+        """New entries of these partitions in one blocking read: partition → entries.
 
         COUNT is per stream, so each partition gives at most its share of a batch.
         """
-        count = keys.partitions()
-        streams = {keys.updates(p): ">" for p in range(count)}
+        streams = {keys.updates(p): ">" for p in partitions}
         response = await self.redis.xreadgroup(
             keys.UPDATES_GROUP,
             self.consumer,
             streams,  # type: ignore[arg-type]  # redis-py types the ids narrowly
-            count=max(1, -(-self.batch // count)),
+            count=max(1, -(-self.batch // len(partitions))),
             block=BLOCK_MS,
         )
-        partition_of = {keys.updates(p): p for p in range(count)}
+        partition_of = {keys.updates(p): p for p in partitions}
         return {partition_of[_text(name)]: entries for name, entries in response if entries}
 
     async def read(self, partition: int, backlog: bool) -> list[Entry]:
