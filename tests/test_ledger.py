@@ -25,6 +25,7 @@ from worker.domain.machine import apply
 from worker.domain.models import Merchant
 from worker.ingest.consumer import Ingest
 from worker.ingest.enqueue import enqueue, queued
+from worker.outbox.ledger import LedgerPoster
 from worker.store import keys
 from worker.store.deliveries import Outcome, record_call
 from worker.store.invoices import InvoiceStore
@@ -100,6 +101,21 @@ async def test_posting_again_after_a_crash_before_the_delete_credits_once(
     assert await pending_entries(redis) == entries
     assert await post_ledger(redis, Scripts(redis)) == entries
     assert await pending_entries(redis) == 0
+    service = invoice_service(redis, make_settings(redis_server.url))
+    assert await mismatches(redis, merchant, reference(plans, service.policy)) == []
+
+
+async def test_a_stopping_workers_drain_posts_what_waits_in_the_outboxes(
+    redis: aioredis.Redis, redis_server: RedisServer, merchant: Merchant
+) -> None:
+    """`LedgerPoster.drain` (a worker's SIGTERM) posts every waiting entry once; again: none."""
+    plans = await paid_plans(redis, redis_server.url, merchant, 10)
+    entries = await pending_entries(redis)
+    assert entries > 0
+    poster = LedgerPoster(redis, Scripts(redis))
+    assert await poster.drain(10.0) == entries
+    assert await pending_entries(redis) == 0
+    assert await poster.drain(10.0) == 0
     service = invoice_service(redis, make_settings(redis_server.url))
     assert await mismatches(redis, merchant, reference(plans, service.policy)) == []
 

@@ -74,9 +74,10 @@ class ProcessingCallback(Body):
 
 # Canonical spellings remembered: each deposit address is reported several times
 # (mempool, confirmations, confirmed, retries) and checking a checksum costs ~80 µs.
-# ~300 B an entry: 16,384 hold a minute of new addresses at 1,000 callbacks/s in ~5 MB,
-# and a full cache is reached early, so the process's size levels off (bench/soak.py).
-SPELLING_CACHE_SIZE = 16_384
+# ~300 B an entry: 4,096 (~1.2 MB) hold ~12 s of new addresses at 1,000 callbacks/s,
+# enough for the processing layer's retries, and fill within a minute, so the process's
+# size levels off early (bench/soak.py; 65,536 were still filling after 10 minutes).
+SPELLING_CACHE_SIZE = 4_096
 
 
 @functools.lru_cache(maxsize=SPELLING_CACHE_SIZE)

@@ -66,10 +66,10 @@ BLOCK_MS = 1000
 # How often a worker looks for entries left by dead workers (seconds).
 RECLAIM_EVERY_SECONDS = 5.0
 # Address owners never change, so they are cached; the cache is dropped when this big.
-# 16,384 pairs (~4 MB) cover a few minutes of new addresses at 1,000 updates/s; a miss
-# costs one field read in the batch's single lookup round trip (bench/soak.py: 100,000
-# was still filling after 10 minutes, so the process grew for the whole run).
-OWNER_CACHE_SIZE = 16_384
+# 4,096 pairs (~1 MB) cover the seconds in which an address's reports arrive together;
+# a miss costs one field in the batch's single lookup round trip (bench/soak.py: 100,000
+# were still filling after 10 minutes, so the process grew for the whole run).
+OWNER_CACHE_SIZE = 4_096
 # Back-off while Redis is unreachable (seconds): doubles from the first to the cap.
 BACKOFF_FIRST_SECONDS = 0.05
 BACKOFF_CAP_SECONDS = 2.0
