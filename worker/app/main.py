@@ -296,8 +296,11 @@ class ResilientWorker(Worker):
         `return_exceptions`: the once-a-second `fire_timers` job, cut off at the
         wrong await, let CancelledError out of `close` before `on_shutdown` ran
         (exit 1, the batch in hand and the ledger drain skipped). They are
-        awaited here, and only running ones are left for arq to gather.
+        cancelled (as the signal did already) and awaited here, so arq's own
+        gather has none left.
         """
+        for task in self.tasks.values():
+            task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         self.tasks.clear()
         await super().close()
