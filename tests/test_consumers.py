@@ -7,15 +7,20 @@ it held (worker/ingest/consumer.py, drop_consumer.lua).
 
 from __future__ import annotations
 
+import random
 import time
 from decimal import Decimal
 
+import pytest
 import redis.asyncio as aioredis
 
+from tests.scenarios import create_plans
 from worker.domain.events import TransactionUpdate
-from worker.domain.models import Compliance, TxStatus
+from worker.domain.models import Compliance, Merchant, TxStatus
+from worker.ingest import consumer
 from worker.ingest.consumer import Ingest, ensure_group
 from worker.ingest.enqueue import enqueue, queued
+from worker.services.invoices import InvoiceService
 from worker.store import keys
 
 # Every update here goes to one deposit address, hence one partition of the stream.
@@ -96,3 +101,22 @@ async def test_a_stopping_worker_leaves_the_group_only_holding_nothing(
     await ingest.process(PARTITION, entries)
     assert await ingest.leave_group() is True
     assert await consumers(redis) == {}
+
+
+async def test_a_dropped_owner_cache_turns_no_update_into_an_orphan(
+    ingest: Ingest,
+    service: InvoiceService,
+    merchant: Merchant,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The address-owner cache is dropped whenever it fills; an owner it held when the batch
+    was read still counts (bench/soak.py found 54 invoices whose update became an orphan)."""
+    monkeypatch.setattr(consumer, "OWNER_CACHE_SIZE", 2)
+    plans = await create_plans(service, merchant, 3, random.Random(5))
+    first, second, third = (plan.updates[0] for plan in plans)
+    assert await ingest._find_owners([first]) == [plans[0].invoice.id]  # now cached
+
+    # One cached address and two new ones: the cache overflows and is dropped.
+    owners = await ingest._find_owners([first, second, third])
+
+    assert owners == [plan.invoice.id for plan in plans]

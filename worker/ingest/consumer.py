@@ -323,16 +323,23 @@ class Ingest:
         self.stats.add(batch)
 
     async def _find_owners(self, updates: Sequence[TransactionUpdate]) -> list[int | None]:
+        """Each update's invoice id (None: no invoice owns its address).
+
+        The answer is built from what this call saw, never from the shared cache after
+        the lookup: a full cache is dropped, by this call or by another reader's during
+        the await, and an owner missing from it must not turn an update into an orphan.
+        """
         pairs = [(u.currency, u.address) for u in updates]
-        unknown = list({pair for pair in pairs if pair not in self._owners})
+        owners = {pair: self._owners[pair] for pair in pairs if pair in self._owners}
+        unknown = list({pair for pair in pairs if pair not in owners})
         if unknown:
             found = await self.service.store.ids_by_address(unknown)
-            if len(self._owners) + len(unknown) > OWNER_CACHE_SIZE:
+            new = {p: o for p, o in zip(unknown, found, strict=True) if o is not None}
+            if len(self._owners) + len(new) > OWNER_CACHE_SIZE:
                 self._owners.clear()
-            self._owners.update(
-                {p: o for p, o in zip(unknown, found, strict=True) if o is not None}
-            )
-        return [self._owners.get(pair) for pair in pairs]
+            self._owners.update(new)
+            owners.update(new)
+        return [owners.get(pair) for pair in pairs]
 
     async def _apply(
         self, by_invoice: dict[int, list[TransactionUpdate]], stats: IngestStats
