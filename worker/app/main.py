@@ -75,7 +75,7 @@ class Context(TypedDict, total=False):
     name: str
     tasks: list[asyncio.Task[None]]
     ledger: LedgerPoster
-    stop_mail: asyncio.Event
+    stopping: asyncio.Event  # set by shutdown: the mail loop ends its pass, the heartbeat knows
 
 
 def worker_name() -> str:
@@ -94,7 +94,7 @@ async def _heartbeat(ctx: Context) -> None:
         loops = [task for task in ctx["tasks"] if task.get_name() != "heartbeat"]
         dead = [task for task in loops if task.done()]
         # Once shutdown has asked them to stop, the finishing loops end on purpose.
-        if dead and not ctx["stop_mail"].is_set():
+        if dead and not ctx["stopping"].is_set():
             log.error(
                 "worker_loop_died",
                 loops=[task.get_name() for task in dead],
@@ -118,7 +118,7 @@ async def _deliver(ctx: Context) -> None:
 
 async def _mail(ctx: Context) -> None:
     """Send due customer e-mails (worker/mail/loop.py)."""
-    await run_mail_loop(ctx["store_redis"], ctx["service"], ctx["settings"], stop=ctx["stop_mail"])
+    await run_mail_loop(ctx["store_redis"], ctx["service"], ctx["settings"], stop=ctx["stopping"])
 
 
 async def _ledger(ctx: Context) -> None:
@@ -186,7 +186,7 @@ async def startup(ctx: Context) -> None:
         # Every worker runs it; the lease in Redis lets one of them read the markets.
         ctx["refresher"] = Refresher(redis, settings, ctx["service"].rates, ctx["name"])
         loops.append(("rates", _rates))
-    ctx["stop_mail"] = asyncio.Event()
+    ctx["stopping"] = asyncio.Event()
     ctx["tasks"] = []
     for name, loop in loops:
         ctx["tasks"].append(asyncio.create_task(loop(ctx), name=name))
@@ -205,7 +205,7 @@ async def shutdown(ctx: Context) -> None:
     if "ingest" in ctx:
         ctx["ingest"].stop()  # the batch in hand is applied and acknowledged
         ctx["deliverer"].stop()  # attempts in flight go on
-        ctx["stop_mail"].set()  # the pass in hand ends
+        ctx["stopping"].set()  # the mail pass in hand ends
         finishing = [task for task in tasks if task.get_name() in FINISHING_LOOPS]
         if finishing:
             await asyncio.wait(finishing, timeout=budget)

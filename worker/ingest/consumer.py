@@ -188,15 +188,14 @@ class Ingest:
 
         COUNT is per stream, so each partition gives at most its share of a batch.
         """
-        streams = {keys.updates(p): ">" for p in partitions}
+        partition_of = {keys.updates(p): p for p in partitions}
         response = await self.redis.xreadgroup(
             keys.UPDATES_GROUP,
             self.consumer,
-            streams,  # type: ignore[arg-type]  # redis-py types the ids narrowly
+            dict.fromkeys(partition_of, ">"),
             count=max(1, -(-self.batch // len(partitions))),
             block=BLOCK_MS,
         )
-        partition_of = {keys.updates(p): p for p in partitions}
         return {partition_of[_text(name)]: entries for name, entries in response if entries}
 
     async def read(self, partition: int, backlog: bool) -> list[Entry]:
