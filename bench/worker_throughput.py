@@ -232,6 +232,7 @@ async def main(before: Path | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"benchmark": "worker_throughput", "machine": machine.describe()}
     out["settings"] = {
         "redis_appendfsync": "always",
+        "redis_data": str(stack.SCRATCH_ROOT or "the system's temporary folder"),
         "log_level": WORKER_LOG_LEVEL,
         "batch": 256,
         "order": "round-robin: no two updates of one invoice in a batch",
