@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
 import asyncio
+import datetime
 import json
 import math
 import random
@@ -136,6 +137,39 @@ async def wait_for_sink(
         await asyncio.sleep(0.5)
 
 
+def applied_times(log_path: Path, clock_offset: float) -> dict[tuple[int, int], float]:
+    """When the worker committed each (invoice, sequence), from its `invoice_changed` lines,
+    on the bench's monotonic clock (`clock_offset`: wall clock minus monotonic)."""
+    applied: dict[tuple[int, int], float] = {}
+    if not log_path.exists():
+        return applied
+    with log_path.open("rb") as lines:
+        for line in lines:
+            if b'"invoice_changed"' not in line:
+                continue
+            event = json.loads(line)
+            wall = datetime.datetime.fromisoformat(event["timestamp"]).timestamp()
+            applied[(int(event["invoice_id"]), int(event["sequence"]))] = wall - clock_offset
+    return applied
+
+
+def stages(
+    expected: list[tuple[int, int]],
+    due: list[float],
+    applied: dict[tuple[int, int], float],
+    arrived: dict[tuple[int, int], float],
+) -> dict[str, dict[str, float]]:
+    """Where the time went: due → committed by the worker (the receiver, the stream and the
+    ingest), and committed → at the sink (the outbox: claim, read, post)."""
+    ingest, outbox = [], []
+    for i, key in enumerate(expected):
+        if key in applied:
+            ingest.append(applied[key] - due[i])
+            if key in arrived:
+                outbox.append(arrived[key] - applied[key])
+    return {"due_to_committed": summary_ms(ingest), "committed_to_sink": summary_ms(outbox)}
+
+
 def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
     """py-spy record of `pid` for `seconds` (raw collapsed stacks, idle frames left out)."""
     return subprocess.Popen(
@@ -222,6 +256,7 @@ async def main(
                 for name, child in (("receiver", receiver), ("worker", worker)):
                     profiles[name] = tmp / f"{name}.pyspy"
                     spies.append(start_profile(child.pid, seconds, profiles[name]))
+            clock_offset = time.time() - time.monotonic()
             sent_at = time.monotonic()
             result, due = await loadgen.fixed_rate(port, requests, rate)
             send_s = time.monotonic() - sent_at
@@ -243,6 +278,7 @@ async def main(
             sink.stop()
             await redis.aclose()
         records = sink.received()
+        applied = applied_times(tmp / "worker-0.log", clock_offset)
     latencies = [arrived[key] - due[i] for i, key in enumerate(expected) if key in arrived]
     accepted = sum(1 for status in result.status if status == 200)
     out["sent"] = len(requests)
@@ -255,6 +291,7 @@ async def main(
     out["bad_signatures"] = sum(1 for r in records if not r["signed"])
     out["send_to_sink"] = summary_ms(latencies)
     out["receiver_answer"] = summary_ms(result.latencies())
+    out["stages"] = stages(expected, due, applied, arrived)
     p99 = out["send_to_sink"].get("p99_ms", math.inf)
     out["goals"] = {"p99_lt_50_ms": p99 < GOAL_P99_MS and out["callbacks_missing"] == 0}
     return out
