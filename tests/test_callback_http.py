@@ -269,6 +269,47 @@ async def test_a_close_delimited_body_ends_with_the_close() -> None:
     assert server.connections == 2
 
 
+async def test_interim_answers_are_skipped_for_the_final_status() -> None:
+    """A 100 and a 103 arriving on their own before the 200: the status is 200, the
+    connection is reused."""
+
+    def script_for(server: RawServer) -> Script:
+        async def script(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int
+        ) -> None:
+            while await server.request(reader, number) is not None:
+                for part in (b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\n",
+                             b"Link: </a>\r\n\r\n", OK):  # fmt: skip
+                    writer.write(part)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+
+        return script
+
+    async with await raw_server(script_for) as server:
+        client = make_client()
+        try:
+            assert await post(client, server.url) == 200
+            assert await post(client, server.url) == 200
+        finally:
+            await client.close()
+    assert server.connections == 1
+
+
+async def test_a_second_response_after_ours_is_not_taken_for_it() -> None:
+    """Two responses in one write: the first one's status counts, and a connection that
+    spoke out of turn is not reused."""
+    answer = b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n" + OK
+    async with await raw_server(answering(answer, answer)) as server:
+        client = make_client()
+        try:
+            assert await post(client, server.url) == 500
+            assert await post(client, server.url) == 500
+        finally:
+            await client.close()
+    assert server.connections == 2
+
+
 @pytest.mark.parametrize(
     ("answer", "error"),
     [

@@ -161,6 +161,8 @@ class _Connection(asyncio.Protocol):
                 self.framed = True
 
     def on_headers_complete(self) -> None:
+        if self.done:  # of a response after ours (see on_message_begin): not our status
+            return
         self.headers_done = True
         self.status = self.parser.get_status_code()
         # Asked here: llhttp forgets the framing once the message is complete.
@@ -176,6 +178,8 @@ class _Connection(asyncio.Protocol):
             self.keep_alive = False
 
     def on_message_complete(self) -> None:
+        if self.done:
+            return
         if 100 <= self.status < 200:  # interim (103 Early Hints, …): the final one follows
             self._reset()
             self.received = 1  # bytes of a response did arrive
