@@ -145,6 +145,8 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(self.status)
             return
         where = "mid-response" if self.received else "before the response"
+        if exc is not None:
+            where += f" ({exc})"
         self._fail(
             ConnectionClosed(f"connection closed {where}", nothing_received=self.received == 0)
         )
@@ -194,7 +196,8 @@ class _Connection(asyncio.Protocol):
         if lines.count("\n") != len(headers) or lines.count("\r") != len(headers):
             raise ValueError("a header name or value holds a line break")
         head = f"{target.request_line}{lines}Content-Length: {len(body)}\r\n\r\n"
-        assert self.transport is not None
+        if self.closed or self.transport is None:  # closed by the server as it was made
+            raise ConnectionClosed("connection closed before the request", nothing_received=True)
         self._reset()
         self.header_bytes = 0
         self.transport.write(head.encode() + body)
@@ -282,7 +285,8 @@ class CallbackClient:
                     # browsers and aiohttp do. Safe even if the server did get the first
                     # request: a callback carries its invoice's sequence and signature,
                     # merchants dedupe by sequence, and any attempt may be repeated anyway
-                    # (a lease that runs out delivers the same sequence again, spec §9).
+                    # (a lease that runs out delivers the same sequence again: "at least
+                    # once", spec §9).
             connection = await self._connect(target, deadline)
             return await self._exchange(connection, target, body, headers, deadline)
         finally:
