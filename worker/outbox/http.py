@@ -32,6 +32,7 @@ import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import httptools
 from yarl import URL
@@ -100,8 +101,8 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's are no subclass of asyncio.Transport, hence the cast).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         waiter = self.waiter
