@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trustme
+import uvloop
 from aiohttp import web
 from yarl import URL
 
@@ -111,6 +112,19 @@ def answering(*answers: bytes, then_close: bool = False) -> Callable[[RawServer]
         return script
 
     return script_for
+
+
+def never_answering(server: RawServer) -> Script:
+    """A script: the start of an answer to the first request, then silence."""
+
+    async def script(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int
+    ) -> None:
+        await server.request(reader, number)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        await server.request(reader, number)  # until the client closes
+
+    return script
 
 
 async def raw_server(script_for: Callable[[RawServer], Script]) -> RawServer:
@@ -415,18 +429,7 @@ async def test_a_body_over_the_cap_is_not_read_but_the_status_counts(chunked: bo
 
 async def test_a_server_that_never_answers_times_out_and_is_disconnected() -> None:
     """No answer within the timeout: TimeoutError, and the connection is closed."""
-
-    def script_for(server: RawServer) -> Script:
-        async def script(
-            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int
-        ) -> None:
-            await server.request(reader, number)
-            writer.write(b"HTTP/1.1 200 OK\r\n")  # a start, then nothing
-            await server.request(reader, number)  # until the client closes
-
-        return script
-
-    async with await raw_server(script_for) as server:
+    async with await raw_server(never_answering) as server:
         client = make_client(timeout=0.3)
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -636,3 +639,32 @@ async def test_https_needs_a_name_to_verify() -> None:
     client = make_client()
     with pytest.raises(ValueError, match="needs the name"):
         await post(client, URL("https://127.0.0.1:9/cb"), None)
+
+
+# ---------------------------------------------------------------- uvloop
+
+
+def test_the_client_runs_on_uvloop_too(authority: trustme.CA) -> None:
+    """On uvloop (the receiver's loop, and the worker's once it moves): keep-alive over
+    TLS, a connection the server closed replaced, a timeout."""
+
+    async def scenario() -> None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        authority.issue_cert("shop.invalid").configure_cert(context)
+        server = await raw_server(answering(OK, OK, then_close=True))
+        server.server = await asyncio.start_server(server._accept, "127.0.0.1", 0, ssl=context)
+        silent = await raw_server(never_answering)
+        async with silent:
+            client = make_client(timeout=0.3, ssl_context=trusting(authority))
+            try:
+                url = server.url.with_scheme("https")
+                for _ in range(3):  # the server closes after two: the third on a new connection
+                    assert await post(client, url, "shop.invalid") == 200
+                with pytest.raises(TimeoutError):
+                    await post(client, silent.url)
+            finally:
+                await client.close()
+                await server.__aexit__()
+        assert [number for number, _ in server.requests] == [1, 1, 2]
+
+    uvloop.run(scenario())
