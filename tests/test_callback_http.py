@@ -434,7 +434,7 @@ async def test_a_server_that_never_answers_times_out_and_is_disconnected() -> No
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            with pytest.raises(TimeoutError):
+            with pytest.raises(TimeoutError, match="no complete response in time"):
                 await post(client, server.url)
             assert 0.25 < loop.time() - started < 1.5
             async with asyncio.timeout(2):
@@ -458,7 +458,7 @@ async def test_a_connect_that_never_completes_times_out() -> None:
                 filler.connect(("127.0.0.1", port))
             fillers.append(filler)
         client = make_client(timeout=0.3)
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError, match="no connection in time"):
             await post(client, URL(f"http://127.0.0.1:{port}/cb"))
         await client.close()
     finally:

@@ -269,8 +269,11 @@ class CallbackClient:
         deadline = loop.time() + self.timeout
         target = self._target(url, server_hostname)
         if self._slots.locked():
-            async with asyncio.timeout_at(deadline):
-                await self._slots.acquire()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise TimeoutError("no free connection slot in time") from None
         else:
             await self._slots.acquire()
         try:
@@ -374,12 +377,14 @@ class CallbackClient:
                         server_hostname=target.server_hostname,
                         ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
                     )
-        except BaseException:
+        except BaseException as exc:
             connection._closed()
             if connection.transport is not None:
                 connection.transport.abort()
             else:
                 sock.close()
+            if isinstance(exc, TimeoutError):
+                raise TimeoutError("no connection in time") from None
             raise
         self.connects += 1
         return connection
