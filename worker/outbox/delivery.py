@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
-from aiohttp.abc import AbstractResolver, ResolveResult
 from redis.asyncio import Redis
 
 from worker.config import Settings
@@ -45,6 +42,7 @@ from worker.outbox.destinations import (
     system_resolve,
 )
 from worker.outbox.destinations import check_destination as check_destination  # re-exported
+from worker.outbox.http import CallbackClient, ResponseError
 from worker.outbox.webhooks import headers
 from worker.services.invoices import bound
 from worker.store import keys
@@ -84,18 +82,6 @@ MERCHANT_CACHE_SECONDS = 30.0
 REDIS_BACKOFF_SECONDS = 0.5
 
 
-class _NoResolver(AbstractResolver):
-    """The HTTP client never resolves a name: every request goes to an address we checked."""
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        raise DestinationRefused(f"refused: {host} was not checked before the request")
-
-    async def close(self) -> None:
-        return None
-
-
 @dataclass
 class Deliverer:
     """The delivery loop of one worker process."""
@@ -106,7 +92,9 @@ class Deliverer:
     clock: Callable[[], float] = time.time
     # How callback hosts are resolved (tests substitute their own DNS answers).
     resolve: Resolver = system_resolve
-    _session: aiohttp.ClientSession | None = None
+    # The HTTP client (worker/outbox/http.py): it never resolves a name, every request
+    # goes to the address resolve_destination checked.
+    _client: CallbackClient | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _busy: Counter[str] = field(default_factory=Counter)
     # Per merchant at its cap: claimed invoices and the time by which each must start.
@@ -124,10 +112,10 @@ class Deliverer:
         self._wakeup.set()
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(resolver=_NoResolver(), limit=MAX_IN_FLIGHT)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.settings.callback_timeout_seconds),
+        self._client = CallbackClient(
+            timeout=self.settings.callback_timeout_seconds,
+            limit=MAX_IN_FLIGHT,
+            max_response_bytes=MAX_RESPONSE_BYTES,
         )
 
     def stop(self) -> None:
@@ -153,12 +141,12 @@ class Deliverer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
 
     async def run(self) -> None:
         """Claim and deliver until stopped; attempts run concurrently, leases guard each invoice."""
-        if self._session is None:
+        if self._client is None:
             await self.start()
         while not self._stopping:
             try:
@@ -291,7 +279,7 @@ class Deliverer:
 
     async def _post(self, merchant: Merchant, invoice: Invoice) -> Outcome:
         """One POST of the invoice's current snapshot; never raises for the merchant's faults."""
-        assert self._session is not None
+        assert self._client is not None
         body = orjson.dumps(snapshot(invoice))  # compact JSON, as json.dumps(separators=…)
         now = int(self.clock())
         started = time.perf_counter()
@@ -305,22 +293,20 @@ class Deliverer:
                 merchant.callback_url, self.settings.allow_private_callbacks, self.resolve
             )
             url, host, server_hostname = pinned(destination)
-            async with self._session.post(
+            # No redirect is followed (a 3xx fails the attempt); at most MAX_RESPONSE_BYTES
+            # of the body are read, and thrown away.
+            status = await self._client.post(
                 url,
-                data=body,
-                headers={**headers(merchant, body, invoice.id, invoice.sequence, now), **host},
-                server_hostname=server_hostname,
-                allow_redirects=False,
-            ) as response:
-                # Read a bounded amount so the connection can be reused; the content is ignored.
-                await response.content.read(MAX_RESPONSE_BYTES)
-                ok = 200 <= response.status < 300
-                error = "" if ok else f"HTTP {response.status}"
-                return Outcome(response.status, error, took(), delivered=ok)
+                body,
+                {**headers(merchant, body, invoice.id, invoice.sequence, now), **host},
+                server_hostname,
+            )
+            ok = 200 <= status < 300
+            return Outcome(status, "" if ok else f"HTTP {status}", took(), delivered=ok)
         except DestinationRefused as exc:
             # No retry can help: dead-lettered at once (redeliverable once the URL is fixed).
             return Outcome(None, str(exc), took(), delivered=False, permanent=True)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (ResponseError, TimeoutError, OSError) as exc:
             return Outcome(None, _short(exc), took(), delivered=False)
 
     async def _record(self, invoice: Invoice, outcome: Outcome) -> None:
