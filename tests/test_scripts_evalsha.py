@@ -119,6 +119,21 @@ async def test_a_transaction_after_the_cache_was_emptied(redis: aioredis.Redis) 
     assert await _payloads(redis) == [b"t0", b"t1", b"t2", b"u0", b"u1"]
 
 
+async def test_a_watched_transaction_after_the_cache_was_emptied(redis: aioredis.Redis) -> None:
+    """WATCH runs a pipeline's commands at once until MULTI: redis-py's own handling."""
+    scripts = Scripts(redis)
+    await redis.script_flush()
+    async with redis.pipeline(transaction=False) as pipe:
+        await pipe.watch("guard")
+        assert await scripts.append(keys=[STREAM], args=["watched"], client=pipe)
+        await redis.script_flush()
+        pipe.multi()
+        await _appends(scripts, pipe, 1, "multi")
+        replies = await execute(pipe)
+    assert len(replies) == 1
+    assert await _payloads(redis) == [b"watched", b"multi0"]
+
+
 async def test_a_direct_call_after_the_cache_was_emptied(redis: aioredis.Redis) -> None:
     scripts = Scripts(redis)
     await redis.script_flush()

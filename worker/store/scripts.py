@@ -83,7 +83,8 @@ class Script:
 
 
 def _transactional(pipe: Pipeline) -> bool:
-    return bool(pipe.is_transaction or pipe.explicit_transaction)
+    """MULTI, or WATCH (its commands run at once): redis-py's own script handling."""
+    return bool(pipe.is_transaction or pipe.explicit_transaction or pipe.watching)
 
 
 async def execute(pipe: Pipeline | ClusterPipeline, *, raise_on_error: bool = True) -> list[Any]:
