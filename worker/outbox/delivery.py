@@ -53,7 +53,7 @@ from worker.store.connection import REDIS_UNAVAILABLE, replicated
 from worker.store.deliveries import Outcome, record_call
 from worker.store.invoices import InvoiceStore
 from worker.store.merchants import MerchantStore
-from worker.store.schedules import claim_due_invoices
+from worker.store.schedules import claim_due
 from worker.store.scripts import execute
 
 log = get_logger(__name__)
@@ -81,9 +81,6 @@ POLL_SECONDS = 0.1
 MAX_RESPONSE_BYTES = 64 * 1024
 # Merchant records (callback URL, keys) are re-read after this many seconds.
 MERCHANT_CACHE_SECONDS = 30.0
-# Invoices this process committed last, kept decoded (with their stored bytes' digest):
-# a claimed one whose stored form is still exactly that is not read back from Redis.
-RECENT_INVOICES = 4096
 # Back-off while Redis is unreachable (seconds).
 REDIS_BACKOFF_SECONDS = 0.5
 
@@ -122,8 +119,6 @@ class Deliverer:
 
     def __post_init__(self) -> None:
         self._records = GroupCommit(self._record_many, MAX_IN_FLIGHT)
-        # Most callbacks are of snapshots this very process committed just before.
-        self.store.keep_recent(RECENT_INVOICES)
 
     def wake(self) -> None:
         """Look for due callbacks now (called when this process committed a snapshot)."""
@@ -190,7 +185,7 @@ class Deliverer:
             return 0
         now = self.clock()
         lease_end = now + self.settings.callback_timeout_seconds + LEASE_MARGIN_SECONDS
-        claimed = await claim_due_invoices(
+        claimed = await claim_due(
             self.redis,
             self.store.scripts.claim_due,
             keys.delivery_due,
@@ -200,43 +195,27 @@ class Deliverer:
         )
         if not claimed:
             return 0
-        ids = [invoice_id for invoice_id, _ in claimed]
-        loaded = await self._load(claimed)
+        ids = [int(member) for member in claimed]
+        loaded = await self.store.get_many(ids)
         # No snapshot leaves before the replicas hold it (else the lease runs out: retried).
         await replicated(self.redis)
         gone = [invoice_id for invoice_id in ids if invoice_id not in loaded]
         later: list[int] = []
         for invoice_id in ids:
-            invoice = loaded.get(invoice_id)
-            if invoice is None:
+            stored = loaded.get(invoice_id)
+            if stored is None:
                 continue
-            merchant = await self._merchant(invoice.merchant)
+            merchant = await self._merchant(stored.invoice.merchant)
             if merchant is None or self._busy[merchant.key] < PER_MERCHANT_IN_FLIGHT:
-                self._start(invoice, merchant)
+                self._start(stored.invoice, merchant)
                 continue
             line = self._waiting.setdefault(merchant.key, deque())
             if len(line) < PER_MERCHANT_WAITING:
-                line.append((invoice, merchant, now + LEASE_MARGIN_SECONDS))
+                line.append((stored.invoice, merchant, now + LEASE_MARGIN_SECONDS))
             else:
                 later.append(invoice_id)
         await self._reschedule(gone, later)
         return len(claimed)
-
-    async def _load(self, claimed: list[tuple[int, str]]) -> dict[int, Invoice]:
-        """The claimed invoices as stored when claimed: those this process committed
-        last from memory (the digest the claim read says Redis holds exactly those
-        bytes), the others read from Redis in one round trip (gone ones left out)."""
-        recent, loaded = self.store.recent, {}
-        if recent is not None:
-            for invoice_id, stored_digest in claimed:
-                invoice = recent.get(invoice_id, stored_digest)
-                if invoice is not None:
-                    loaded[invoice_id] = invoice
-        missing = [invoice_id for invoice_id, _ in claimed if invoice_id not in loaded]
-        if missing:
-            read = await self.store.get_many(missing)
-            loaded.update((invoice_id, stored.invoice) for invoice_id, stored in read.items())
-        return loaded
 
     def _start(self, invoice: Invoice, merchant: Merchant | None) -> None:
         """Start one attempt; it counts against its merchant's cap until it is posted."""

@@ -11,7 +11,6 @@ and two writers can never lose an update (the loser re-reads and re-applies).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -79,40 +78,6 @@ async def _get_all(redis: Redis, names: Sequence[str]) -> list[bytes | None]:
     return rows
 
 
-def digest(version: int, data: bytes) -> str:
-    """The SHA1 of an invoice's stored form `{version}:{data}` (claim_due.lua's `sha1hex`)."""
-    return hashlib.sha1(b"%d:%s" % (version, data)).hexdigest()  # noqa: S324 - no secret
-
-
-class RecentInvoices:
-    """The invoices this process last wrote, each with the digest of its stored form.
-
-    Filled as commits are queued (the digest of what the commit writes), whether
-    or not the commit then wins its compare-and-set: an entry is only ever used
-    when Redis holds exactly those bytes (`get`), so one that lost, or that a
-    failover took back, or that another process overwrote, is simply never
-    used. Bounded: the oldest entries go first.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._entries: dict[int, tuple[str, Invoice]] = {}
-
-    def put(self, invoice: Invoice, version: int, data: bytes) -> None:
-        entries = self._entries
-        entries.pop(invoice.id, None)  # to the end: the newest
-        entries[invoice.id] = (digest(version, data), invoice)
-        if len(entries) > self.size:
-            del entries[next(iter(entries))]
-
-    def get(self, invoice_id: int, stored_digest: str) -> Invoice | None:
-        """The invoice if Redis holds what was written here (`stored_digest` says)."""
-        entry = self._entries.get(invoice_id)
-        if entry is None or entry[0] != stored_digest:
-            return None
-        return entry[1]
-
-
 class InvoiceStore:
     """Reads and atomic writes of invoices; the only code that knows their Redis shape."""
 
@@ -120,18 +85,6 @@ class InvoiceStore:
         self.redis = redis
         self.policy = policy
         self.scripts = Scripts(redis)
-        # Off unless this process delivers callbacks (`keep_recent`).
-        self.recent: RecentInvoices | None = None
-
-    def keep_recent(self, size: int) -> RecentInvoices:
-        """Remember the last `size` invoices this store commits (see `RecentInvoices`)."""
-        if self.recent is None or self.recent.size != size:
-            self.recent = RecentInvoices(size)
-        return self.recent
-
-    def _remember(self, stored: Stored, transition: Transition, data: bytes | str | int) -> None:
-        if self.recent is not None and isinstance(data, bytes):
-            self.recent.put(transition.invoice, stored.version + 1, data)
 
     async def next_id(self, merchant: str, foreign_id: str) -> int:
         """A fresh invoice id in the partition of the foreign id (so create.lua is one slot)."""
@@ -297,7 +250,6 @@ class InvoiceStore:
         if issued is not None:
             await self.claim_refund_token(transition.invoice.id, issued)
         keys_, args = self.commit_call(stored, transition, now)
-        self._remember(stored, transition, args[1])
         async with self.redis.pipeline(transaction=False) as pipe:
             await self.scripts.commit(keys=keys_, args=args, client=pipe)
             [version] = await acknowledged(self.redis, pipe)
@@ -314,7 +266,6 @@ class InvoiceStore:
         commands concurrently, so the same pipeline would not keep that order.
         """
         keys_, args = self.commit_call(stored, transition, now)
-        self._remember(stored, transition, args[1])
         await self.scripts.commit(keys=keys_, args=args, client=pipe)
 
     def commit_call(

@@ -194,12 +194,7 @@ def ledger_outbox(partition: int) -> str:
 
 
 def invoice(invoice_id: int) -> str:
-    return f"{invoice_prefix(invoice_partition(invoice_id))}{invoice_id}"
-
-
-def invoice_prefix(partition: int) -> str:
-    """The invoice keys of a partition are this and the id (claim_due.lua builds them)."""
-    return f"{PREFIX}inv:{partition_tag(partition)}"
+    return f"{PREFIX}inv:{partition_tag(invoice_partition(invoice_id))}{invoice_id}"
 
 
 def foreign_id(merchant_key: str, foreign: str) -> str:

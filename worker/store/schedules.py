@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
 
 from redis.asyncio import Redis
 
@@ -43,38 +42,7 @@ async def claim_due(
     take). Another worker may have claimed a partition's members between the
     two; then the next round (at most CLAIM_ROUNDS) looks again.
     """
-    claimed = await _claim(redis, script, schedule, now, lease_end, limit, None)
-    return [_text(member) for member in claimed]
-
-
-async def claim_due_invoices(
-    redis: Redis,
-    script: Script,
-    schedule: Callable[[int], str],
-    now: float,
-    lease_end: float,
-    limit: int,
-) -> list[tuple[int, str]]:
-    """`claim_due` of a schedule of invoice ids, each with the SHA1 of its stored form.
-
-    The digest ('' for an invoice that is gone) is taken in the claim's atomic
-    step: a caller holding an invoice whose stored bytes have that digest holds
-    the invoice as it was when claimed, and need not read it.
-    """
-    claimed = await _claim(redis, script, schedule, now, lease_end, limit, keys.invoice_prefix)
-    return [(int(_text(member)), _text(digest)) for member, digest in claimed]
-
-
-async def _claim(
-    redis: Redis,
-    script: Script,
-    schedule: Callable[[int], str],
-    now: float,
-    lease_end: float,
-    limit: int,
-    stored: Callable[[int], str] | None,
-) -> list[Any]:
-    claimed: list[Any] = []
+    claimed: list[str] = []
     for _ in range(CLAIM_ROUNDS):
         left = limit - len(claimed)
         due = await _due_counts(redis, schedule, now)
@@ -90,12 +58,9 @@ async def _claim(
             left -= shares[partition]
         async with redis.pipeline(transaction=False) as pipe:
             for partition, share in shares.items():
-                args: list[str | float | int] = [now, lease_end, share]
-                if stored is not None:
-                    args.append(stored(partition))
-                await script(keys=[schedule(partition)], args=args, client=pipe)
+                await script(keys=[schedule(partition)], args=[now, lease_end, share], client=pipe)
             replies = await execute(pipe)
-        taken = [member for members in replies for member in members]
+        taken = [_text(member) for members in replies for member in members]
         claimed += taken
         if len(taken) == sum(shares.values()):
             break  # got every share: nothing was taken from under us
