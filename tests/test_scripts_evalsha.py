@@ -11,10 +11,26 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
 from redis.exceptions import NoScriptError, ResponseError
 
+from receiver import appkeys
+from tests.sink import running_sink
+from tests.support import (
+    create_payload,
+    deposit,
+    drain,
+    make_settings,
+    merchant_post,
+    processing_post,
+)
+from worker.ingest.consumer import Ingest
+from worker.outbox.delivery import Deliverer
+from worker.services.invoices import InvoiceService
 from worker.store import keys
 from worker.store.connection import acknowledged
+from worker.store.merchants import MerchantStore, make_merchant
+from worker.store.redis_server import RedisServer
 from worker.store.schedules import claim_due
 from worker.store.scripts import Scripts, execute
 
@@ -168,3 +184,46 @@ async def test_a_claim_after_the_cache_was_emptied(redis: aioredis.Redis) -> Non
     claimed = await claim_due(redis, scripts.claim_due, schedule, 10, 100, 1000)
     assert len(claimed) == 2 * keys.partitions() == len(set(claimed))
     assert await claim_due(redis, scripts.claim_due, schedule, 10, 100, 1000) == []
+
+
+async def test_the_worker_s_paths_after_the_cache_was_emptied(
+    client: TestClient[Any, Any],
+    redis: aioredis.Redis,
+    service: InvoiceService,
+    redis_server: RedisServer,
+) -> None:
+    """Create, batch commit (ingest), claim and attempt record, each after a SCRIPT FLUSH:
+    every step applies once, and no SCRIPT EXISTS is sent."""
+    async for sink in running_sink():
+        merchant = make_merchant("Shop", sink.url("/shop"))
+        await MerchantStore(redis).add(merchant)
+        settings = make_settings(redis_server.url, callback_timeout_seconds=2)
+        deliverer = Deliverer(client.server.app[appkeys.REDIS], service.store, settings)
+        await deliverer.start()
+        try:
+            await redis.config_resetstat()
+            await redis.script_flush()
+            _, created = await merchant_post(
+                client,
+                merchant,
+                "/api/v2/invoices/create",
+                create_payload("f1", sender_currency="BTC", type="good_until_expired"),
+            )
+            invoice = created["data"]
+            await redis.script_flush()
+            payment = deposit(invoice["address"], "0.00000001", observed_at=invoice["fixed_at"])
+            assert (await processing_post(client, payment))[0] == 200
+            await drain(Ingest(deliverer.redis, service, consumer="t"))
+            await redis.script_flush()
+            assert await deliverer.deliver_due() == 1
+            await redis.script_flush()
+            await deliverer.wait_idle()
+            [got] = await sink.wait_for(1)
+        finally:
+            await deliverer.close()
+    assert got.json["sequence"] == 1
+    stored = await service.store.get(invoice["id"])
+    assert stored is not None and stored.version == 2 and len(stored.invoice.transactions) == 1
+    assert await redis.hget(keys.delivery(invoice["id"]), "delivered") == b"1"
+    assert await redis.zscore(keys.delivery_due_of(invoice["id"]), invoice["id"]) is None
+    assert (await _calls(redis)).get("script|exists", 0) == 0
