@@ -33,6 +33,7 @@ from worker.domain.models import (
 )
 from worker.services.invoices import InvoiceService
 from worker.store import keys
+from worker.store.scripts import execute
 
 # Invoices written per pipeline (one round trip, one fsync).
 PIPELINE = 500
@@ -102,7 +103,7 @@ async def store_invoices(service: InvoiceService, invoices: Iterable[Invoice]) -
         async with store.redis.pipeline(transaction=False) as pipe:
             for invoice in chunk:
                 await store.queue_create(pipe, invoice)
-            results = await pipe.execute()
+            results = await execute(pipe)
         # Per invoice: the token and address lookups (True), then create.lua's [1, id].
         bad = [r for r in results if isinstance(r, list) and not int(r[0])]
         if bad:

@@ -52,6 +52,7 @@ from worker.store.deliveries import Outcome, record_call
 from worker.store.invoices import InvoiceStore
 from worker.store.merchants import MerchantStore
 from worker.store.schedules import claim_due
+from worker.store.scripts import execute
 
 log = get_logger(__name__)
 
@@ -335,7 +336,7 @@ class Deliverer:
             for invoice, outcome, now in attempts:
                 keys_, args = record_call(invoice.id, invoice.sequence, outcome, now, schedule)
                 await self.store.scripts.delivery_done(keys=keys_, args=args, client=pipe)
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await execute(pipe, raise_on_error=False)
         results: list[tuple[str, int] | BaseException] = []
         for reply in replies:
             if isinstance(reply, BaseException):

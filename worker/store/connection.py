@@ -43,7 +43,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError, RedisClusterException, RedisError, TimeoutError
 
 from worker.config import Settings
-from worker.store import keys
+from worker.store import keys, scripts
 
 T = TypeVar("T")
 
@@ -239,12 +239,12 @@ async def acknowledged(redis: Redis, pipe: Pipeline) -> list[Any]:
     """
     replicas, timeout_ms = _required(redis)
     if replicas and is_cluster(redis):
-        done: list[Any] = await pipe.execute()
+        done = await scripts.execute(pipe)
         await _wait_cluster(cast(RedisCluster, redis), replicas, timeout_ms)
         return done
     if replicas:
         pipe.wait(replicas, timeout_ms)
-    results: list[Any] = await pipe.execute()
+    results = await scripts.execute(pipe)  # loads scripts a restart forgot (NOSCRIPT)
     if replicas:
         confirmed = results.pop()
         if not isinstance(confirmed, int) or confirmed < replicas:

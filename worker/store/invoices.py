@@ -164,7 +164,10 @@ class InvoiceStore:
                 raise RefundTokenUsed(f"invoice {invoice_id}: token indexed to {int(owner)}")
 
     async def queue_create(self, pipe: Pipeline, invoice: Invoice) -> None:
-        """Add a create and its lookups to a pipeline (bulk loads); results end `[1, id]`."""
+        """Add a create and its lookups to a pipeline (bulk loads); results end `[1, id]`.
+
+        Run the pipeline with `scripts.execute` (it answers NOSCRIPT).
+        """
         token = keys.token_index(invoice.token)
         pipe.execute_command("HSETNX", token.key, token.field, invoice.id)
         if invoice.address is not None:
@@ -259,6 +262,8 @@ class InvoiceStore:
         self, pipe: Pipeline, stored: Stored, transition: Transition, now: int
     ) -> None:
         """Add a commit to a pipeline (batch apply); its result is the new version or 0.
+
+        Run the pipeline with `acknowledged` or `scripts.execute` (they answer NOSCRIPT).
 
         Only for transitions that assign no deposit address (payments): see `commit`.
         A refund token the transition issues must be indexed first, in an earlier

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 
 from worker.store import keys
-from worker.store.scripts import Script
+from worker.store.scripts import Script, execute
 
 # A claim looks again this often at most when other workers took what it counted.
 CLAIM_ROUNDS = 3
@@ -59,7 +59,7 @@ async def claim_due(
         async with redis.pipeline(transaction=False) as pipe:
             for partition, share in shares.items():
                 await script(keys=[schedule(partition)], args=[now, lease_end, share], client=pipe)
-            replies = await pipe.execute()
+            replies = await execute(pipe)
         taken = [_text(member) for members in replies for member in members]
         claimed += taken
         if len(taken) == sum(shares.values()):
