@@ -9,8 +9,9 @@ for minutes, and thousands of them exhausted the descriptors). So:
   it refuses a client address over its connection cap with a 429, and closes a
   connection whose request head has not arrived `header_timeout_seconds` after
   the connection opened (or after the first byte of a later request), with a 408.
-* `transport_middleware` reads the body within `body_timeout_seconds` (408 and
-  the connection closed otherwise) before any handler runs, answers a body
+* `read_in_time` (called by the receiver's middleware, receiver/middleware.py)
+  reads the body within `body_timeout_seconds` (408 and the connection closed
+  otherwise) before any handler runs, answers a body
   that cannot be decoded (a broken `Content-Encoding`) 400 `bad_content_format`,
   and a client that went away mid-body as a client abort: status 499, logged
   at info.
@@ -28,9 +29,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from receiver import appkeys
 from receiver.accesslog import route_pattern
 from receiver.api.errors import ApiError, bad_content, json_error
 from worker.config import Settings
@@ -222,39 +221,35 @@ def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
-@web.middleware
-async def transport_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Mark the connection busy, read the body in time, and tell client aborts apart."""
-    guard = request.app[CONNECTION_GUARD]
-    guard.request_started(request.transport)
+async def read_in_time(request: web.Request, body_timeout: float) -> web.StreamResponse | None:
+    """Read the body within `body_timeout` seconds, before any handler runs; None when it
+    was read (aiohttp keeps it: handlers read it again for free), else the answer to give:
+    408 (and the connection closed), 400 `bad_content_format` (and closed), or the client
+    abort's 499. Errors of the read itself (a body over the size limit) are raised."""
     try:
-        if request.body_exists:
-            try:
-                if request.content.is_eof():
-                    # The whole body came with the head (most do): nothing to wait for,
-                    # so no timer to arm and cancel.
-                    await request.read()  # kept by aiohttp: handlers read it again for free
-                else:
-                    async with asyncio.timeout(request.app[appkeys.SETTINGS].body_timeout_seconds):
-                        await request.read()
-            except TimeoutError:
-                log.info("request_body_timeout", route=route_pattern(request))
-                timed_out = json_error(
-                    ApiError(408, {"error": "Request timeout", "code": "request_timeout"})
-                )
-                timed_out.force_close()
-                return timed_out
-            except (ConnectionError, web.RequestPayloadError):
-                if _client_gone(request):
-                    log.info("client_aborted", route=route_pattern(request), method=request.method)
-                    return web.Response(status=CLIENT_CLOSED_REQUEST)
-                # Still connected: a body that does not decode (a broken Content-Encoding).
-                # The rest cannot be read either: mark it ended, so aiohttp does not try to
-                # drain it after the answer (and log the same failure again), and close.
-                request.content.feed_eof()
-                response = json_error(bad_content())
-                response.force_close()
-                return response
-        return await handler(request)
-    finally:
-        guard.request_finished(request.transport)
+        if request.content.is_eof():
+            # The whole body came with the head (most do): nothing to wait for,
+            # so no timer to arm and cancel.
+            await request.read()
+        else:
+            async with asyncio.timeout(body_timeout):
+                await request.read()
+    except TimeoutError:
+        log.info("request_body_timeout", route=route_pattern(request))
+        timed_out = json_error(
+            ApiError(408, {"error": "Request timeout", "code": "request_timeout"})
+        )
+        timed_out.force_close()
+        return timed_out
+    except (ConnectionError, web.RequestPayloadError):
+        if _client_gone(request):
+            log.info("client_aborted", route=route_pattern(request), method=request.method)
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
+        # Still connected: a body that does not decode (a broken Content-Encoding).
+        # The rest cannot be read either: mark it ended, so aiohttp does not try to
+        # drain it after the answer (and log the same failure again), and close.
+        request.content.feed_eof()
+        response = json_error(bad_content())
+        response.force_close()
+        return response
+    return None
