@@ -92,7 +92,7 @@ async def _append(
     if not is_cluster(redis) and not getattr(redis, "min_replicas", 0):
         # No WAIT to follow it on the same connection: a single command, without
         # building and parsing a pipeline (a few µs of every request's share).
-        ids = await redis.execute_command(
+        ids = await redis.execute_command(  # type: ignore[no-untyped-call]
             "EVALSHA", _APPEND_MANY_SHA, len(streams), *streams, *counts, *payloads
         )
     else:
