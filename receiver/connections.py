@@ -64,11 +64,20 @@ _HEAD_TIMEOUT = _raw_response(
 )
 
 
+# How early a timer may fire (uvloop's resolution is a millisecond), in seconds.
+_TIMER_SLACK_SECONDS = 0.001
+
+
 @dataclass
 class _Connection:
     client: str
     transport: asyncio.Transport
     busy: bool = False  # a request's head arrived and its handler has not returned yet
+    # When the head now awaited began (loop time), None when no head is awaited.
+    head_since: float | None = None
+    # The check of that head's deadline; left armed when the head arrives in time (it
+    # then finds nothing awaited), so a busy connection arms a timer once per timeout
+    # instead of arming and cancelling one per request.
     timer: asyncio.TimerHandle | None = None
 
 
@@ -106,14 +115,16 @@ class ConnectionGuard:
             return False
         self._per_client[client] += 1
         connection = self._open[transport] = _Connection(client, transport)
-        self._arm(connection)  # the first request's head is due from the start
+        self._head_started(connection)  # the first request's head is due from the start
         return True
 
     def release(self, transport: asyncio.BaseTransport) -> None:
         connection = self._open.pop(transport, None)
         if connection is None:
             return
-        self._disarm(connection)
+        if connection.timer is not None:
+            connection.timer.cancel()
+            connection.timer = None
         self._per_client[connection.client] -= 1
         if self._per_client[connection.client] <= 0:
             del self._per_client[connection.client]
@@ -121,33 +132,40 @@ class ConnectionGuard:
     def bytes_arrived(self, transport: asyncio.BaseTransport) -> None:
         """The first byte of a later request's head starts its clock."""
         connection = self._open.get(transport)
-        if connection is not None and not connection.busy and connection.timer is None:
-            self._arm(connection)
+        if connection is not None and not connection.busy and connection.head_since is None:
+            self._head_started(connection)
 
     def request_started(self, transport: asyncio.BaseTransport | None) -> None:
         connection = self._open.get(transport) if transport is not None else None
         if connection is not None:
             connection.busy = True
-            self._disarm(connection)
+            connection.head_since = None  # arrived: its deadline check finds nothing
 
     def request_finished(self, transport: asyncio.BaseTransport | None) -> None:
         connection = self._open.get(transport) if transport is not None else None
         if connection is not None:
             connection.busy = False  # idle: aiohttp's keep-alive timeout applies
 
-    def _arm(self, connection: _Connection) -> None:
+    def _head_started(self, connection: _Connection) -> None:
         loop = asyncio.get_running_loop()
-        connection.timer = loop.call_later(self.header_timeout, self._expire, connection)
-
-    @staticmethod
-    def _disarm(connection: _Connection) -> None:
-        if connection.timer is not None:
-            connection.timer.cancel()
-            connection.timer = None
+        connection.head_since = loop.time()
+        if connection.timer is None:
+            connection.timer = loop.call_at(
+                connection.head_since + self.header_timeout, self._expire, connection
+            )
 
     def _expire(self, connection: _Connection) -> None:
+        """A head's deadline: close the connection if that head, or a later one begun
+        since, is still awaited past its own deadline; check again at the later one's."""
         connection.timer = None
-        if connection.busy or connection.transport.is_closing():
+        since = connection.head_since
+        if since is None or connection.busy or connection.transport.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        # A later head: its own deadline (a millisecond early counts as on time: timers
+        # fire to the millisecond).
+        if loop.time() < since + self.header_timeout - _TIMER_SLACK_SECONDS:
+            connection.timer = loop.call_at(since + self.header_timeout, self._expire, connection)
             return
         self._closed("head_timeout")
         connection.transport.write(_HEAD_TIMEOUT)
