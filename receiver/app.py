@@ -12,15 +12,10 @@ from aiohttp import web
 
 from receiver import appkeys
 from receiver.accesslog import AccessLogger
-from receiver.api.errors import error_middleware
-from receiver.connections import (
-    CONNECTION_GUARD,
-    ConnectionGuard,
-    GuardedSite,
-    transport_middleware,
-)
-from receiver.health import LIFECYCLE, Lifecycle, close_while_draining, mark_shutting_down
-from receiver.metrics import METRICS, Metrics, metrics_middleware
+from receiver.connections import CONNECTION_GUARD, ConnectionGuard, GuardedSite
+from receiver.health import LIFECYCLE, Lifecycle, mark_shutting_down
+from receiver.metrics import METRICS, Metrics
+from receiver.middleware import receiver_middleware
 from receiver.routes import setup_routes
 from worker import eventloop
 from worker.app.runtime import invoice_service, warn_if_demo_keys
@@ -58,22 +53,20 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
+    metrics = Metrics()
+    guard = ConnectionGuard.from_settings(settings, metrics.connection_closed)
+    lifecycle = Lifecycle()
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
-        # Outermost first: answers while draining say `Connection: close`, metrics see
-        # every answer, errors become JSON, and the body is read (in time) before any
-        # handler runs.
-        middlewares=[
-            close_while_draining,
-            metrics_middleware,
-            error_middleware,
-            transport_middleware,
-        ],
+        # One middleware for what were four layers (receiver/middleware.py): answers
+        # while draining say `Connection: close`, metrics see every answer, errors
+        # become JSON, and the body is read (in time) before any handler runs.
+        middlewares=[receiver_middleware(metrics, guard, lifecycle, settings.body_timeout_seconds)],
     )
     app[appkeys.SETTINGS] = settings
-    metrics = app[METRICS] = Metrics()
-    app[CONNECTION_GUARD] = ConnectionGuard.from_settings(settings, metrics.connection_closed)
-    app[LIFECYCLE] = Lifecycle()
+    app[METRICS] = metrics
+    app[CONNECTION_GUARD] = guard
+    app[LIFECYCLE] = lifecycle
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(mark_shutting_down)
     setup_routes(app)

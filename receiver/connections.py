@@ -9,8 +9,9 @@ for minutes, and thousands of them exhausted the descriptors). So:
   it refuses a client address over its connection cap with a 429, and closes a
   connection whose request head has not arrived `header_timeout_seconds` after
   the connection opened (or after the first byte of a later request), with a 408.
-* `transport_middleware` reads the body within `body_timeout_seconds` (408 and
-  the connection closed otherwise) before any handler runs, answers a body
+* `read_in_time` (called by the receiver's middleware, receiver/middleware.py)
+  reads the body within `body_timeout_seconds` (408 and the connection closed
+  otherwise) before any handler runs, answers a body
   that cannot be decoded (a broken `Content-Encoding`) 400 `bad_content_format`,
   and a client that went away mid-body as a client abort: status 499, logged
   at info.
@@ -28,9 +29,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from receiver import appkeys
 from receiver.accesslog import route_pattern
 from receiver.api.errors import ApiError, bad_content, json_error
 from worker.config import Settings
@@ -65,11 +64,20 @@ _HEAD_TIMEOUT = _raw_response(
 )
 
 
+# How early a timer may fire (uvloop's resolution is a millisecond), in seconds.
+_TIMER_SLACK_SECONDS = 0.001
+
+
 @dataclass
 class _Connection:
     client: str
     transport: asyncio.Transport
     busy: bool = False  # a request's head arrived and its handler has not returned yet
+    # When the head now awaited began (loop time), None when no head is awaited.
+    head_since: float | None = None
+    # The check of that head's deadline; left armed when the head arrives in time (it
+    # then finds nothing awaited), so a busy connection arms a timer once per timeout
+    # instead of arming and cancelling one per request.
     timer: asyncio.TimerHandle | None = None
 
 
@@ -107,14 +115,16 @@ class ConnectionGuard:
             return False
         self._per_client[client] += 1
         connection = self._open[transport] = _Connection(client, transport)
-        self._arm(connection)  # the first request's head is due from the start
+        self._head_started(connection)  # the first request's head is due from the start
         return True
 
     def release(self, transport: asyncio.BaseTransport) -> None:
         connection = self._open.pop(transport, None)
         if connection is None:
             return
-        self._disarm(connection)
+        if connection.timer is not None:
+            connection.timer.cancel()
+            connection.timer = None
         self._per_client[connection.client] -= 1
         if self._per_client[connection.client] <= 0:
             del self._per_client[connection.client]
@@ -122,33 +132,40 @@ class ConnectionGuard:
     def bytes_arrived(self, transport: asyncio.BaseTransport) -> None:
         """The first byte of a later request's head starts its clock."""
         connection = self._open.get(transport)
-        if connection is not None and not connection.busy and connection.timer is None:
-            self._arm(connection)
+        if connection is not None and not connection.busy and connection.head_since is None:
+            self._head_started(connection)
 
     def request_started(self, transport: asyncio.BaseTransport | None) -> None:
         connection = self._open.get(transport) if transport is not None else None
         if connection is not None:
             connection.busy = True
-            self._disarm(connection)
+            connection.head_since = None  # arrived: its deadline check finds nothing
 
     def request_finished(self, transport: asyncio.BaseTransport | None) -> None:
         connection = self._open.get(transport) if transport is not None else None
         if connection is not None:
             connection.busy = False  # idle: aiohttp's keep-alive timeout applies
 
-    def _arm(self, connection: _Connection) -> None:
+    def _head_started(self, connection: _Connection) -> None:
         loop = asyncio.get_running_loop()
-        connection.timer = loop.call_later(self.header_timeout, self._expire, connection)
-
-    @staticmethod
-    def _disarm(connection: _Connection) -> None:
-        if connection.timer is not None:
-            connection.timer.cancel()
-            connection.timer = None
+        connection.head_since = loop.time()
+        if connection.timer is None:
+            connection.timer = loop.call_at(
+                connection.head_since + self.header_timeout, self._expire, connection
+            )
 
     def _expire(self, connection: _Connection) -> None:
+        """A head's deadline: close the connection if that head, or a later one begun
+        since, is still awaited past its own deadline; check again at the later one's."""
         connection.timer = None
-        if connection.busy or connection.transport.is_closing():
+        since = connection.head_since
+        if since is None or connection.busy or connection.transport.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        # A later head: its own deadline (a millisecond early counts as on time: timers
+        # fire to the millisecond).
+        if loop.time() < since + self.header_timeout - _TIMER_SLACK_SECONDS:
+            connection.timer = loop.call_at(since + self.header_timeout, self._expire, connection)
             return
         self._closed("head_timeout")
         connection.transport.write(_HEAD_TIMEOUT)
@@ -222,39 +239,35 @@ def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
-@web.middleware
-async def transport_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Mark the connection busy, read the body in time, and tell client aborts apart."""
-    guard = request.app[CONNECTION_GUARD]
-    guard.request_started(request.transport)
+async def read_in_time(request: web.Request, body_timeout: float) -> web.StreamResponse | None:
+    """Read the body within `body_timeout` seconds, before any handler runs; None when it
+    was read (aiohttp keeps it: handlers read it again for free), else the answer to give:
+    408 (and the connection closed), 400 `bad_content_format` (and closed), or the client
+    abort's 499. Errors of the read itself (a body over the size limit) are raised."""
     try:
-        if request.body_exists:
-            try:
-                if request.content.is_eof():
-                    # The whole body came with the head (most do): nothing to wait for,
-                    # so no timer to arm and cancel.
-                    await request.read()  # kept by aiohttp: handlers read it again for free
-                else:
-                    async with asyncio.timeout(request.app[appkeys.SETTINGS].body_timeout_seconds):
-                        await request.read()
-            except TimeoutError:
-                log.info("request_body_timeout", route=route_pattern(request))
-                timed_out = json_error(
-                    ApiError(408, {"error": "Request timeout", "code": "request_timeout"})
-                )
-                timed_out.force_close()
-                return timed_out
-            except (ConnectionError, web.RequestPayloadError):
-                if _client_gone(request):
-                    log.info("client_aborted", route=route_pattern(request), method=request.method)
-                    return web.Response(status=CLIENT_CLOSED_REQUEST)
-                # Still connected: a body that does not decode (a broken Content-Encoding).
-                # The rest cannot be read either: mark it ended, so aiohttp does not try to
-                # drain it after the answer (and log the same failure again), and close.
-                request.content.feed_eof()
-                response = json_error(bad_content())
-                response.force_close()
-                return response
-        return await handler(request)
-    finally:
-        guard.request_finished(request.transport)
+        if request.content.is_eof():
+            # The whole body came with the head (most do): nothing to wait for,
+            # so no timer to arm and cancel.
+            await request.read()
+        else:
+            async with asyncio.timeout(body_timeout):
+                await request.read()
+    except TimeoutError:
+        log.info("request_body_timeout", route=route_pattern(request))
+        timed_out = json_error(
+            ApiError(408, {"error": "Request timeout", "code": "request_timeout"})
+        )
+        timed_out.force_close()
+        return timed_out
+    except (ConnectionError, web.RequestPayloadError):
+        if _client_gone(request):
+            log.info("client_aborted", route=route_pattern(request), method=request.method)
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
+        # Still connected: a body that does not decode (a broken Content-Encoding).
+        # The rest cannot be read either: mark it ended, so aiohttp does not try to
+        # drain it after the answer (and log the same failure again), and close.
+        request.content.feed_eof()
+        response = json_error(bad_content())
+        response.force_close()
+        return response
+    return None

@@ -2,8 +2,8 @@
 
 On SIGTERM the receiver drains (receiver/app.py `serve`): readiness answers
 503 at once while requests are still served, each answer asks its client to
-close the connection, and the listener closes only once the balancer had time
-to notice.
+close the connection (receiver/middleware.py), and the listener closes only
+once the balancer had time to notice.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from receiver import appkeys
 from worker.store.connection import REDIS_UNAVAILABLE
@@ -49,12 +48,3 @@ async def ready(request: web.Request) -> web.Response:
 async def mark_shutting_down(app: web.Application) -> None:
     """on_shutdown: readiness fails at once, so the load balancer drains this process."""
     app[LIFECYCLE].shutting_down = True
-
-
-@web.middleware
-async def close_while_draining(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """While draining, answers say `Connection: close`: a kept-alive client reconnects elsewhere."""
-    response = await handler(request)
-    if request.app[LIFECYCLE].shutting_down:
-        response.force_close()
-    return response

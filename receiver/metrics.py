@@ -1,6 +1,7 @@
 """Prometheus metrics of a receiver (`GET /metrics`, names prefixed `coinvoice_`).
 
-Request counters and latencies come from a middleware; queue depths (updates
+Request counters and latencies come from the receiver's middleware
+(receiver/middleware.py); queue depths (updates
 waiting for a worker, callbacks due, timers due) are read from Redis at
 scrape time, so every receiver reports the system's backlog. With live rates,
 so are each market source's age and error count and each price's age (the
@@ -17,7 +18,6 @@ import time
 from collections.abc import Iterator
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -25,7 +25,6 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
 from receiver import appkeys
-from receiver.accesslog import route_pattern
 from worker.services import operations
 
 # Request latency buckets in seconds: the p99 goals live between 1 ms and 100 ms.
@@ -125,18 +124,6 @@ class Metrics:
 
 
 METRICS = web.AppKey("metrics", Metrics)
-
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    finally:
-        request.app[METRICS].observe(route_pattern(request), status, time.perf_counter() - started)
 
 
 async def serve(request: web.Request) -> web.Response:

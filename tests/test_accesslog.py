@@ -80,3 +80,26 @@ def test_quiet_paths_and_other_setups(stderr: Callable[[], str]) -> None:
     _log(logger, status=403)
     assert logger._handler is None
     assert "http_request" in stderr()
+
+
+@pytest.mark.parametrize("method", ["POST", "@@DURATION@@", "@@TIMESTAMP@@", 'GE"T'])
+def test_fast_lines_from_remembered_pieces(
+    stderr: Callable[[], str], monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """Lines built from the pieces rendered once are the chain's lines, every time."""
+    configure_logging("json", "info")
+    fast = AccessLogger(logging.getLogger("aiohttp.access"), "")
+    slow = AccessLogger(logging.getLogger("aiohttp.access"), "")
+    request = make_mocked_request(method, "/api/v2/ping")
+    for status, seconds in [(200, 0.012345), (200, 1.5), (503, 0.0), (200, 0.0001)]:
+        fast.log(request, web.Response(status=status), seconds)
+        with monkeypatch.context() as patched:
+            patched.setattr(accesslog, "json_lines_handler", lambda root: None)
+            slow.log(request, web.Response(status=status), seconds)
+            slow._seen = None  # decided anew next time
+        fast_line, slow_line = stderr().splitlines()
+        fast_event, slow_event = json.loads(fast_line), json.loads(slow_line)
+        assert fast_event["method"] == request.method
+        assert fast_line.replace(fast_event["timestamp"], "") == slow_line.replace(
+            slow_event["timestamp"], ""
+        )

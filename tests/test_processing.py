@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from receiver import appkeys
+from receiver.api.merchant import data
+from receiver.api.processing import queued_answer
 from tests.support import (
     PROCESSING_KEY,
     PROCESSING_SECRET,
@@ -67,6 +69,16 @@ async def test_accepted_callback_is_queued(client: Client, redis: aioredis.Redis
     assert status == 200
     assert body["data"]["queued"] == 1
     assert await stream_backlog(redis) == 1
+
+
+@pytest.mark.parametrize("ids", [[], ["1800000000000-0"], ["1800000000000-0", "1800000000001-12"]])
+def test_queued_answer_is_the_json_answer(ids: list[str]) -> None:
+    """The pre-worded 200 is byte for byte what `data()` (json.dumps) answers."""
+    fast, chain = queued_answer(ids), data({"queued": len(ids), "ids": ids})
+    assert fast.body == chain.body
+    assert json.loads(cast(bytes, fast.body)) == {"data": {"queued": len(ids), "ids": ids}}
+    assert fast.headers["Content-Type"] == chain.headers["Content-Type"]
+    assert fast.status == chain.status == 200
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,13 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 from structlog.testing import capture_logs
 
 from receiver.app import serve
+from receiver.connections import ConnectionGuard
 from tests.support import make_settings
 from worker.store.redis_server import RedisServer, free_port
 
@@ -206,3 +208,55 @@ async def test_a_client_that_disconnects_mid_body_is_a_499_logged_at_info(
     assert f'{route},status="500"' not in metrics
     statuses = [getattr(r, "status", None) for r in caplog.records if r.name == "aiohttp.access"]
     assert 499 in statuses and 500 not in statuses
+
+
+class _FakeTransport:
+    """Just enough of a transport for the guard: what it was sent, and whether it closed."""
+
+    def __init__(self) -> None:
+        self.sent = b""
+        self.closed = False
+
+    def get_extra_info(self, name: str) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else None
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_later_head_is_timed_from_its_own_first_byte_not_an_earlier_heads() -> None:
+    """The deadline check armed for one head (which arrived in time) finds the next head,
+    begun later, not yet due: it waits for that head's own deadline, then closes."""
+    closed: list[str] = []
+    guard = ConnectionGuard(HEAD_TIMEOUT, max_per_client=0, closed=closed.append)
+    transport = _FakeTransport()
+    assert guard.admit(cast(asyncio.Transport, transport))
+    guard.request_started(cast(asyncio.Transport, transport))  # the first head, at once
+    guard.request_finished(cast(asyncio.Transport, transport))
+    await asyncio.sleep(HEAD_TIMEOUT * 0.6)
+    guard.bytes_arrived(cast(asyncio.Transport, transport))  # a second head begins...
+    await asyncio.sleep(HEAD_TIMEOUT * 0.6)  # ...the first head's deadline passes
+    assert not transport.closed, "timed from the first head's start"
+    await asyncio.sleep(HEAD_TIMEOUT * 0.6)  # the second head's own deadline passes
+    assert transport.closed and closed == ["head_timeout"]
+    assert transport.sent.startswith(b"HTTP/1.1 408 ")
+    guard.release(cast(asyncio.Transport, transport))
+
+
+async def test_heads_that_arrive_in_time_are_never_cut() -> None:
+    guard = ConnectionGuard(HEAD_TIMEOUT, max_per_client=0)
+    transport = _FakeTransport()
+    assert guard.admit(cast(asyncio.Transport, transport))
+    for _ in range(8):  # requests across several deadlines, each head arriving at once
+        guard.bytes_arrived(cast(asyncio.Transport, transport))
+        guard.request_started(cast(asyncio.Transport, transport))
+        await asyncio.sleep(HEAD_TIMEOUT / 3)  # the handler runs
+        guard.request_finished(cast(asyncio.Transport, transport))
+    assert not transport.closed
+    guard.release(cast(asyncio.Transport, transport))

@@ -158,20 +158,29 @@ def json_error(error: ApiError) -> web.Response:
     return web.json_response(error.body, status=error.status, headers=error.headers)
 
 
+def error_answer(request: web.Request, exc: Exception) -> web.Response:
+    """The JSON answer of spec §6 for what a handler raised (called while handling `exc`).
+
+    Not for an HTTPException under 400 (a redirect): that one is re-raised as it is.
+    """
+    if isinstance(exc, web.HTTPException):
+        return json_error(_http_error(exc))
+    mapped = _from_exception(exc)
+    if mapped is not None:
+        return json_error(mapped)
+    log.exception("request_failed", route=route_pattern(request), method=request.method)
+    return json_error(ApiError(500, {"error": "Internal server error", "code": "internal_error"}))
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure becomes the JSON error of spec §6."""
+    """Every failure becomes the JSON error of spec §6 (the receiver's own middleware,
+    receiver/middleware.py, does this among the rest)."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return json_error(_http_error(exc))
+        return error_answer(request, exc)
     except Exception as exc:
-        mapped = _from_exception(exc)
-        if mapped is not None:
-            return json_error(mapped)
-        log.exception("request_failed", route=route_pattern(request), method=request.method)
-        return json_error(
-            ApiError(500, {"error": "Internal server error", "code": "internal_error"})
-        )
+        return error_answer(request, exc)
