@@ -18,7 +18,6 @@ the entries.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,11 +30,11 @@ from worker.store import keys
 from worker.store.batching import GroupCommit
 from worker.store.codec import dump_update
 from worker.store.connection import acknowledged, is_cluster
-from worker.store.scripts import Scripts, source
+from worker.store.scripts import Scripts, sha1, source
 
 # append_many.lua, and its EVALSHA name (the SHA-1 of its source, as Redis computes it).
 _APPEND_MANY = source("append_many")
-_APPEND_MANY_SHA = hashlib.sha1(_APPEND_MANY.encode()).hexdigest()  # noqa: S324 - Redis' name
+_APPEND_MANY_SHA = sha1(_APPEND_MANY)
 
 # Requests whose updates go into one append at most; more wait for the next one.
 MAX_BATCH = 256
