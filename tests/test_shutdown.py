@@ -27,7 +27,6 @@ from tests import processes
 from tests.scenarios import Plan, create_plans, mismatches, reference
 from tests.sink import Behaviour, running_sink
 from tests.support import deposit, eventually, record_artifact
-from worker import eventloop
 from worker.app.runtime import invoice_service
 from worker.config import Settings
 from worker.domain.models import Merchant
@@ -357,7 +356,6 @@ async def test_worker_posts_its_last_batchs_ledger_entries_before_exiting(
         feeder.cancel()
         first.kill()
     drained = [json.loads(line) for line in log_text.splitlines() if "ledger_drained" in line]
-    started = [json.loads(line) for line in log_text.splitlines() if "worker_started" in line]
     record_artifact(
         "shutdown",
         "worker-ledger",
@@ -366,8 +364,6 @@ async def test_worker_posts_its_last_batchs_ledger_entries_before_exiting(
             "ledger_rows_at_exit": sum(posted.values()),
         },
     )
-    # What was stopped was the worker as it runs in production: on uvloop (worker/eventloop.py).
-    assert [line.get("event_loop") for line in started] == ["uvloop"], log_text[-3000:]
     assert code == 0, log_text[-3000:]
     assert drained, log_text[-3000:]
     assert left_in_outboxes == 0
@@ -388,19 +384,6 @@ async def test_a_job_cancelled_by_the_stop_signal_does_not_skip_shutdown(
     The race seen under load: SIGTERM cancels the running `fire_timers` job and
     its CancelledError came out of `Worker.close` before `on_shutdown` ran.
     """
-    await cancelled_job_then_close(settings)
-
-
-@pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")
-def test_a_job_cancelled_by_the_stop_signal_does_not_skip_shutdown_on_uvloop(
-    settings: Settings,
-) -> None:
-    """The same on uvloop, the worker's loop (it was under uvloop that the race showed)."""
-    eventloop.run(cancelled_job_then_close(settings))
-
-
-async def cancelled_job_then_close(settings: Settings) -> None:
-    """A running job cancelled as arq's signal handler does, then `close`: `shutdown` ran."""
     from arq.connections import create_pool
 
     from worker.app.main import arq_redis_settings, build_worker
@@ -417,11 +400,7 @@ async def cancelled_job_then_close(settings: Settings) -> None:
     worker.tasks["fire_timers"] = job
     worker.handle_sig(signal.SIGTERM)  # what arq does on the signal: cancels the job
 
-    try:
-        await worker.close()
-    finally:
-        if worker._pool is not None:  # close failed: no open connection left for the loop's close
-            await worker._pool.close(close_connection_pool=True)
+    await worker.close()
 
     assert job.cancelled()
     assert shut_down == [True]

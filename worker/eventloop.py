@@ -1,27 +1,21 @@
-"""The event loop of the receiver and the worker: uvloop's.
+"""The receiver's event loop: uvloop's.
 
 uvloop (libuv, in C) runs the same asyncio code with less CPU per callback,
 socket read and write than asyncio's own loop: the receiver answers more
-callbacks per second of one core, and the worker spends less CPU per update
-(docs/performance.md, §8 Stop 18). Entry points call `run` (the receiver) or
-build arq's Worker inside `loop` (the worker: arq takes the loop that is
-current when it is built and runs it itself); library code never picks a loop.
+callbacks per second of one core. Entry points call `run`; library code never
+picks a loop.
 
-Not `coinvoice up`: it starts its children with `process_group=0`, which
-uvloop's subprocess_exec refuses; it stays on asyncio's loop (the receiver and
-worker it starts are processes of their own, on uvloop).
-
-The worker once let a CancelledError out of arq's `Worker.close` on SIGTERM
-under uvloop (exit 1, its batch unfinished); `ResilientWorker.close`
-(worker/app/main.py) now awaits the cancelled job tasks itself, and
-tests/test_shutdown.py stops real workers, on this loop, with SIGTERM.
+Not (yet) the other processes: under uvloop an arq worker stopped by SIGTERM
+let a CancelledError out of `Worker.close` and exited 1 with its batch
+unfinished (tests/test_shutdown.py), and `coinvoice up` starts its children
+with `process_group=0`, which uvloop's subprocess_exec refuses. `install`
+is here for the worker once that is solved.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import uvloop
@@ -37,45 +31,3 @@ def install() -> None:
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """`asyncio.run`, on a uvloop event loop."""
     return uvloop.run(coro)
-
-
-@contextlib.contextmanager
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """A new uvloop event loop, current in this thread until the block ends, then closed.
-
-    For code that runs the current loop itself (arq's `Worker.run`). On the way
-    out it is closed the way `asyncio.run` closes its own: the tasks still
-    pending cancelled and awaited, async generators finalised, the default
-    executor shut down.
-    """
-    new = uvloop.new_event_loop()
-    asyncio.set_event_loop(new)
-    try:
-        yield new
-    finally:
-        try:
-            _cancel_all_tasks(new)
-            new.run_until_complete(new.shutdown_asyncgens())
-            new.run_until_complete(new.shutdown_default_executor())
-        finally:
-            asyncio.set_event_loop(None)
-            new.close()
-
-
-def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
-    """As `asyncio.run` does on its way out: cancel what is left and let it finish."""
-    pending = asyncio.all_tasks(loop)
-    if not pending:
-        return
-    for task in pending:
-        task.cancel()
-    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-    for task in pending:
-        if not task.cancelled() and task.exception() is not None:
-            loop.call_exception_handler(
-                {
-                    "message": "unhandled exception during the worker's shutdown",
-                    "exception": task.exception(),
-                    "task": task,
-                }
-            )

@@ -30,7 +30,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
-from worker import eventloop
 from worker.app.runtime import invoice_service, warn_if_demo_keys
 from worker.config import Settings
 from worker.domain.effects import LedgerEntry
@@ -191,12 +190,7 @@ async def startup(ctx: Context) -> None:
     ctx["tasks"] = []
     for name, loop in loops:
         ctx["tasks"].append(asyncio.create_task(loop(ctx), name=name))
-    log.info(
-        "worker_started",
-        worker=ctx["name"],
-        loops=[name for name, _ in loops],
-        event_loop=type(asyncio.get_running_loop()).__module__,
-    )
+    log.info("worker_started", worker=ctx["name"], loops=[name for name, _ in loops])
 
 
 # Loops that finish what they hold when asked to stop; the others are cancelled at once.
@@ -340,10 +334,8 @@ def build_worker(settings: Settings) -> Worker:
 
 
 def run(settings: Settings) -> None:
-    """`coinvoice worker`: arq's Worker on a uvloop event loop (worker/eventloop.py)."""
     configure_logging(settings.log_format, settings.log_level)
-    with eventloop.loop():  # arq's Worker runs on the loop current when it is built
-        build_worker(settings).run()
+    build_worker(settings).run()
 
 
 async def check(settings: Settings, host: str | None = None) -> bool:
