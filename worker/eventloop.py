@@ -5,11 +5,21 @@ socket read and write than asyncio's own loop: the receiver answers more
 callbacks per second of one core. Entry points call `run`; library code never
 picks a loop.
 
-Not (yet) the other processes: under uvloop an arq worker stopped by SIGTERM
-let a CancelledError out of `Worker.close` and exited 1 with its batch
-unfinished (tests/test_shutdown.py), and `coinvoice up` starts its children
-with `process_group=0`, which uvloop's subprocess_exec refuses. `install`
-is here for the worker once that is solved.
+Not the other processes:
+
+* the worker: it ran on uvloop (commit d7889ab, reverted) and passed every
+  test that starts or stops one (the CancelledError that once escaped arq's
+  `Worker.close` on SIGTERM is gone since `ResilientWorker.close` awaits the
+  cancelled jobs itself), but it did not pay: its CPU per update stayed
+  within the benchmark's noise (docs/performance.md, §8 Stop 18). asyncio's
+  own loop code was ~7 % of the worker's CPU in a profile (it works in
+  batches of 256 updates; its time goes to the state machine, decoding,
+  Redis replies, logging and the garbage collector), so no loop can save
+  much there;
+* `coinvoice up`: it starts its children with `process_group=0`, which
+  uvloop's subprocess_exec refuses.
+
+`install` is here for a process that would switch.
 """
 
 from __future__ import annotations
