@@ -112,8 +112,15 @@ class Pool:
         self.idle: list[loadgen.Connection] = []
         self.opened = 0
         self.free = asyncio.Condition()
+        # Requests sent again on a new connection: the idle one they took had been
+        # closed by the receiver's keep-alive timeout (75 s) before a byte came back.
+        self.stale_retries = 0
 
     async def exchange(self, request: bytes) -> tuple[int, bytes]:
+        """One request on a kept-alive connection, as an HTTP client sends it: a request
+        on an idle connection the server had closed meanwhile (no byte of an answer) is
+        sent once more on a new one, as aiohttp's client and browsers do; processing
+        callbacks are idempotent, and the receiver never saw it."""
         async with self.free:
             while not self.idle and self.opened >= MAX_CONNECTIONS:
                 await self.free.wait()
@@ -123,7 +130,17 @@ class Pool:
         try:
             if conn is None:
                 conn = await loadgen.Connection.open(self.port)
-            answer = await conn.exchange(request)
+                answer = await conn.exchange(request)
+            else:
+                try:
+                    answer = await conn.exchange(request)
+                except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                    if getattr(exc, "partial", b"") != b"":
+                        raise
+                    conn.close()
+                    self.stale_retries += 1
+                    conn = await loadgen.Connection.open(self.port)
+                    answer = await conn.exchange(request)
         except BaseException:
             self.opened -= 1
             if conn is not None:
@@ -514,6 +531,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "accepted": counts.updates_accepted,
         "refused": counts.updates_refused,
         "network_errors": counts.errors,
+        # Requests (creates and callbacks) sent again after a stale keep-alive connection.
+        "stale_connection_retries": pool.stale_retries,
         "merchant_callbacks_received": len(records),
     }
     out["rss"] = {name: rss_report(samples, name, args.seconds) for name in pids}
