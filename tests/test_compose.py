@@ -136,6 +136,8 @@ async def test_compose_pays_an_invoice_through_haproxy(
     HEALTHCHECK (a worker's: its own heartbeat); both workers heartbeat under their own names,
     the primary writes every command to its AOF and the replica holds the invoice."""
     await wait_ready(deployment)
+    # Until then every write is refused (503: no replica confirms it), as it should be.
+    await wait_replica_synced()
     cli_env = {
         "COINVOICE_REDIS_SENTINELS": SENTINELS,
         # As the deployment's workers: the merchant's sink listens on loopback.

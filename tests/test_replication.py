@@ -315,3 +315,19 @@ async def test_no_email_leaves_while_no_replica_confirms(
 def mails(maildir: Path) -> list[Path]:
     """The messages written to a Maildir."""
     return [path for path in maildir.rglob("*") if path.is_file()]
+
+
+async def test_create_after_the_script_cache_was_emptied_waits_for_the_replica_once(
+    primary: aioredis.Redis, ha_client: TestClient[Any, Any]
+) -> None:
+    """A fresh primary (or one just failed over to) has no scripts: the create's EVALSHA
+    fails with NOSCRIPT, the script is loaded and the call sent again, and its WAIT still
+    counts the replica (the deployment's first invoice)."""
+    merchant = make_merchant("Shop", "http://127.0.0.1:9/callbacks")
+    await MerchantStore(primary).add(merchant)
+    await primary.script_flush()
+    status, body = await merchant_post(
+        ha_client, merchant, "/api/v2/invoices/create", create_payload("fresh-1")
+    )
+    assert status == 200, body
+    assert len(await primary.keys("cv:inv:*")) == 1

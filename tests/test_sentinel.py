@@ -106,3 +106,28 @@ async def test_cli_command_reaches_the_primary_through_sentinels(
         assert stored is not None and stored.name == "Via Sentinel"
     finally:
         await client.aclose()
+
+
+async def test_a_fresh_primary_behind_sentinels_creates_its_first_invoice(
+    group: ReplicatedRedis,
+) -> None:
+    """The deployment's first create: no script is loaded yet (NOSCRIPT, load, send again)
+    and the WAIT after it must still count the replica."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from receiver.app import create_app
+    from tests.support import create_payload, merchant_post
+
+    settings = sentinel_settings(group)
+    client = connect(settings)
+    try:
+        merchant = make_merchant("Shop", "http://127.0.0.1:9/callbacks")
+        await MerchantStore(client).add(merchant)
+        await client.script_flush()
+        async with TestClient(TestServer(create_app(settings))) as http:
+            status, body = await merchant_post(
+                http, merchant, "/api/v2/invoices/create", create_payload("first-1")
+            )
+        assert status == 200, body
+    finally:
+        await client.aclose()
