@@ -16,8 +16,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.exceptions import RedisError
 from structlog.testing import capture_logs
 
-from receiver.api.errors import UNAVAILABLE_RETRY_AFTER_SECONDS, error_middleware
+from receiver.api.errors import UNAVAILABLE_RETRY_AFTER_SECONDS
 from receiver.app import create_app
+from receiver.connections import ConnectionGuard
+from receiver.health import Lifecycle
+from receiver.metrics import Metrics
+from receiver.middleware import receiver_middleware
 from tests.support import (
     PROCESSING_KEY,
     PROCESSING_SECRET,
@@ -160,12 +164,15 @@ class WaitShortfall(RedisError):
 
 
 async def test_any_redis_error_escaping_a_handler_is_a_503() -> None:
-    """The error middleware maps RedisError and every subclass to 503 `unavailable`."""
+    """The receiver's middleware maps RedisError and every subclass to 503 `unavailable`."""
 
     async def failing(request: web.Request) -> web.Response:
         raise WaitShortfall("1 of 2 replicas acknowledged")
 
-    app = web.Application(middlewares=[error_middleware])
+    metrics = Metrics()
+    settings = make_settings("redis://127.0.0.1:9")
+    guard = ConnectionGuard.from_settings(settings, metrics.connection_closed)
+    app = web.Application(middlewares=[receiver_middleware(metrics, guard, Lifecycle(), 1.0)])
     app.router.add_get("/x", failing)
     async with TestClient(TestServer(app)) as client:
         response = await client.get("/x")

@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from arq.connections import create_pool
 
+from receiver.app import create_app
 from tests.processes import child_env
 from tests.replication import ReplicatedRedis
-from tests.support import make_settings
+from tests.support import create_payload, make_settings, merchant_post
 from worker.app.main import arq_redis_settings
 from worker.config import Settings
 from worker.store.connection import connect
@@ -113,11 +115,6 @@ async def test_a_fresh_primary_behind_sentinels_creates_its_first_invoice(
 ) -> None:
     """The deployment's first create: no script is loaded yet (NOSCRIPT, load, send again)
     and the WAIT after it must still count the replica."""
-    from aiohttp.test_utils import TestClient, TestServer
-
-    from receiver.app import create_app
-    from tests.support import create_payload, merchant_post
-
     settings = sentinel_settings(group)
     client = connect(settings)
     try:

@@ -1,8 +1,9 @@
-"""API errors with the exact JSON bodies of spec §6, and the middleware that maps them.
+"""API errors with the exact JSON bodies of spec §6, and the mapping of failures to them.
 
-Handlers raise `ApiError` (or let a domain exception through); the middleware
-turns every failure — including aiohttp's own 404/405/413 and unexpected
-exceptions — into a JSON body, never an HTML page or a traceback.
+Handlers raise `ApiError` (or let a domain exception through); the receiver's
+middleware (receiver/middleware.py) calls `error_answer`, which turns every
+failure — including aiohttp's own 404/405/413 and unexpected exceptions —
+into a JSON body, never an HTML page or a traceback.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from redis.exceptions import RedisClusterException, RedisError
 
 from receiver.accesslog import route_pattern
@@ -170,17 +170,3 @@ def error_answer(request: web.Request, exc: Exception) -> web.Response:
         return json_error(mapped)
     log.exception("request_failed", route=route_pattern(request), method=request.method)
     return json_error(ApiError(500, {"error": "Internal server error", "code": "internal_error"}))
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure becomes the JSON error of spec §6 (the receiver's own middleware,
-    receiver/middleware.py, does this among the rest)."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_answer(request, exc)
-    except Exception as exc:
-        return error_answer(request, exc)
